@@ -1,0 +1,243 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * lab-init: the guest side of the lab's console protocol.
+ *
+ * As /init of the lab's initramfs it mounts what the checks need and
+ * then serves commands read line by line from the console; under
+ * virtme-ng it is started from the guest's shell with --runner and does
+ * the same on its standard input. Each command line is
+ *
+ *	<id> run <path> [args...]
+ *	<id> runcg <cgroup dir> <path> [args...]
+ *	<id> cat <path>
+ *	<id> write <path> [text]	(truncates first; append <path> appends)
+ *	<id> mkdir <path>
+ *	<id> rmdir <path>
+ *	<id> poweroff
+ *
+ * and its output is framed as "@@LAB:BEGIN <id>@@" ... "@@LAB:END <id>
+ * rc=<n>@@", where rc is the exit status (128 + signal when killed).
+ */
+#include <errno.h>
+#include <stdbool.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/reboot.h>
+#include <sys/stat.h>
+#include <sys/utsname.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+
+#define LINE_MAX_LEN	4096
+#define ARGS_MAX	64
+
+static const struct {
+	const char *source, *target, *type;
+} mounts[] = {
+	{ "proc", "/proc", "proc" },
+	{ "sysfs", "/sys", "sysfs" },
+	{ "devtmpfs", "/dev", "devtmpfs" },
+	{ "tmpfs", "/tmp", "tmpfs" },
+	{ "securityfs", "/sys/kernel/security", "securityfs" },
+	{ "tracefs", "/sys/kernel/tracing", "tracefs" },
+	{ "cgroup2", "/sys/fs/cgroup", "cgroup2" },
+};
+
+/* Mount what is not mounted yet; a failure is reported, not fatal. */
+static void mount_all(void)
+{
+	size_t i;
+
+	for (i = 0; i < sizeof(mounts) / sizeof(mounts[0]); i++) {
+		mkdir(mounts[i].target, 0755);
+		if (mount(mounts[i].source, mounts[i].target, mounts[i].type,
+			  0, NULL) && errno != EBUSY)
+			printf("lab-init: mount %s: %s\n", mounts[i].target,
+			       strerror(errno));
+	}
+}
+
+/* Commands must not be echoed back into the output they frame. */
+static void console_quiet(void)
+{
+	struct termios t;
+
+	if (tcgetattr(0, &t))
+		return;
+	t.c_lflag &= ~(ECHO | ECHONL);
+	tcsetattr(0, TCSANOW, &t);
+}
+
+static int write_file(const char *path, const char *text, bool append)
+{
+	size_t len = strlen(text);
+	int fd, ret = 0;
+
+	fd = open(path, O_WRONLY | (append ? O_APPEND : O_TRUNC));
+	if (fd < 0)
+		return -errno;
+	if (len && write(fd, text, len) != (ssize_t)len)
+		ret = -errno;
+	if (close(fd) && !ret)
+		ret = -errno;
+	return ret;
+}
+
+static int cat_file(const char *path)
+{
+	char buf[4096];
+	ssize_t n;
+	int fd;
+
+	fd = open(path, O_RDONLY);
+	if (fd < 0)
+		return -errno;
+	while ((n = read(fd, buf, sizeof(buf))) > 0)
+		fwrite(buf, 1, n, stdout);
+	close(fd);
+	return n < 0 ? -errno : 0;
+}
+
+static int run_program(char **argv, const char *cgroup)
+{
+	char procs[512];
+	int status, err;
+	pid_t pid;
+
+	fflush(stdout);
+	pid = fork();
+	if (pid < 0)
+		return -errno;
+	if (pid == 0) {
+		if (cgroup) {
+			snprintf(procs, sizeof(procs), "%s/cgroup.procs",
+				 cgroup);
+			err = write_file(procs, "0", false);
+			if (err) {
+				printf("lab-init: join %s: %s\n", cgroup,
+				       strerror(-err));
+				exit(127);
+			}
+		}
+		execv(argv[0], argv);
+		printf("lab-init: exec %s: %s\n", argv[0], strerror(errno));
+		exit(127);
+	}
+	if (waitpid(pid, &status, 0) < 0)
+		return -errno;
+	if (WIFSIGNALED(status))
+		return 128 + WTERMSIG(status);
+	return WEXITSTATUS(status);
+}
+
+/*
+ * Run one command; returns its rc. Errors of the builtins are printed
+ * and give rc 1, so the host can show them.
+ */
+static int serve(char *verb, char *rest)
+{
+	char *argv[ARGS_MAX + 1];
+	char *text, *cgroup = NULL;
+	int argc = 0, ret;
+
+	if (!strcmp(verb, "write") || !strcmp(verb, "append")) {
+		/* No text: open (truncating for write) and write nothing. */
+		text = strchr(rest, ' ');
+		if (text)
+			*text++ = '\0';
+		ret = write_file(rest, text ? text : "", !strcmp(verb, "append"));
+	} else if (!strcmp(verb, "cat")) {
+		ret = cat_file(rest);
+	} else if (!strcmp(verb, "mkdir")) {
+		ret = mkdir(rest, 0755) ? -errno : 0;
+	} else if (!strcmp(verb, "rmdir")) {
+		ret = rmdir(rest) ? -errno : 0;
+	} else if (!strcmp(verb, "run") || !strcmp(verb, "runcg")) {
+		for (text = strtok(rest, " "); text && argc < ARGS_MAX;
+		     text = strtok(NULL, " "))
+			argv[argc++] = text;
+		argv[argc] = NULL;
+		if (!strcmp(verb, "runcg") && argc) {
+			cgroup = argv[0];
+			memmove(argv, argv + 1, argc * sizeof(argv[0]));
+			argc--;
+		}
+		if (!argc) {
+			printf("lab-init: %s: no program\n", verb);
+			return 1;
+		}
+		ret = run_program(argv, cgroup);
+		if (ret >= 0)
+			return ret;
+	} else {
+		printf("lab-init: unknown command %s\n", verb);
+		return 1;
+	}
+	if (ret < 0) {
+		printf("lab-init: %s %s: %s\n", verb, rest, strerror(-ret));
+		return 1;
+	}
+	return 0;
+}
+
+static void power_off(void)
+{
+	fflush(stdout);
+	sync();
+	reboot(RB_POWER_OFF);
+	/* Only reached when power-off failed: say so, then halt. */
+	printf("lab-init: power off: %s\n", strerror(errno));
+	fflush(stdout);
+	for (;;)
+		pause();
+}
+
+int main(int argc, char **argv)
+{
+	char line[LINE_MAX_LEN], *id, *verb, *rest;
+	struct utsname uts;
+	bool runner;
+	int rc;
+
+	runner = argc > 1 && !strcmp(argv[1], "--runner");
+	if (getpid() != 1 && !runner) {
+		/* It mounts over /proc, /tmp and /sys: never on a host. */
+		fprintf(stderr, "usage: lab-init runs as a guest's init, or "
+			"inside a guest with --runner\n");
+		return 2;
+	}
+
+	setvbuf(stdout, NULL, _IOLBF, 0);
+	mount_all();
+	console_quiet();
+	uname(&uts);
+	printf("@@LAB:READY %s %s@@\n", uts.release, uts.machine);
+
+	while (fgets(line, sizeof(line), stdin)) {
+		line[strcspn(line, "\r\n")] = '\0';
+		id = strtok(line, " ");
+		verb = strtok(NULL, " ");
+		rest = strtok(NULL, "");
+		if (!id || !verb)
+			continue;
+
+		printf("@@LAB:BEGIN %s@@\n", id);
+		if (!strcmp(verb, "poweroff")) {
+			printf("@@LAB:END %s rc=0@@\n", id);
+			power_off();
+		}
+		rc = serve(verb, rest ? rest : "");
+		printf("@@LAB:END %s rc=%d@@\n", id, rc);
+
+		while (waitpid(-1, NULL, WNOHANG) > 0)
+			;
+	}
+
+	/* The console closed: nothing more will come, so end the guest. */
+	power_off();
+	return 0;
+}
