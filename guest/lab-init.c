@@ -228,7 +228,7 @@ int main(int argc, char **argv)
 		printf("@@LAB:BEGIN %s@@\n", id);
 		if (!strcmp(verb, "poweroff")) {
 			printf("@@LAB:END %s rc=0@@\n", id);
-			power_off();
+			break;
 		}
 		rc = serve(verb, rest ? rest : "");
 		printf("@@LAB:END %s rc=%d@@\n", id, rc);
@@ -237,7 +237,12 @@ int main(int argc, char **argv)
 			;
 	}
 
-	/* The console closed: nothing more will come, so end the guest. */
+	/*
+	 * Asked to stop, or the console closed. As init, power off; as a
+	 * runner, exit and let vng's init power off and pass the status on.
+	 */
+	if (runner)
+		return 0;
 	power_off();
 	return 0;
 }

@@ -1,0 +1,124 @@
+"""The machines the lab can build for and boot: one frozen record per arch.
+
+Everything that differs between arches lives here as data (QEMU binary and
+machine, CPU, console, cross compiler, kconfig fragments, kprobe argument
+registers, the behaviour the arch's affinity path has), so no other module
+needs an `if arch == ...`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class AffinityRules:
+    """What sched_setaffinity() does on an arch when a cpuset restricts it.
+
+    Values are the facts the guest program reports: an errno name ("0" for
+    success) and a CPU list, or "unchanged" for the affinity held before.
+    """
+
+    # Mask partly outside the cpuset ({0,1} with cpuset.cpus=0).
+    partial_errno: str
+    partial_affinity: str
+    # Mask entirely outside the cpuset ({1} with cpuset.cpus=0).
+    outside_errno: str
+    outside_affinity: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Arch:
+    """One QEMU machine the lab builds a kernel for and boots."""
+
+    name: str
+    # Kernel build.
+    kernel_arch: str
+    cross_compile: str
+    config_target: str
+    fragments: tuple[str, ...]
+    make_target: str
+    image: str
+    # Guest programs.
+    guest_cc: str
+    guest_cflags: tuple[str, ...]
+    # QEMU.
+    qemu: str
+    machine: str
+    cpu_tcg: str
+    cpu_kvm: str | None
+    smp: int
+    memory_mb: int
+    console: str
+    qemu_extra: tuple[str, ...]
+    # Debian packages that provide the tools above.
+    packages: tuple[str, ...]
+    # kprobe fetch-args of the hook's first two arguments at function entry,
+    # and the fetch type of a pointer or a cpumask word.
+    kprobe_args: tuple[str, str]
+    word_type: str
+    # Whether virtme-ng can boot this arch.
+    vng: bool
+    # Host machine (uname -m) on which KVM could run this guest at all.
+    kvm_host: str | None
+    affinity: AffinityRules
+    setaffinity_entry: str = "__x64_sys_sched_setaffinity"
+    cmdline: tuple[str, ...] = field(default=())
+
+    @property
+    def cc(self) -> str:
+        """The C compiler the kernel is built with."""
+        return f"{self.cross_compile}gcc"
+
+
+X86_64 = Arch(
+    name="x86_64",
+    kernel_arch="x86",
+    cross_compile="",
+    config_target="tinyconfig",
+    fragments=("base", "x86_64"),
+    make_target="bzImage",
+    image="arch/x86/boot/bzImage",
+    guest_cc="gcc",
+    guest_cflags=(),
+    qemu="qemu-system-x86_64",
+    machine="pc",
+    cpu_tcg="qemu64",
+    cpu_kvm="host",
+    smp=2,
+    memory_mb=256,
+    console="ttyS0",
+    qemu_extra=(),
+    packages=("qemu-system-x86", "gcc"),
+    kprobe_args=("%di", "%si"),
+    word_type="x64",
+    vng=True,
+    kvm_host="x86_64",
+    affinity=AffinityRules(
+        partial_errno="0",
+        partial_affinity="0",
+        outside_errno="EINVAL",
+        outside_affinity="unchanged",
+        note="the generic syscall intersects the request with the cpuset",
+    ),
+    setaffinity_entry="__x64_sys_sched_setaffinity",
+)
+
+ARCHES: dict[str, Arch] = {arch.name: arch for arch in (X86_64,)}
+
+
+class UnknownArch(ValueError):
+    """An arch name the lab has no machine for."""
+
+    def __init__(self, name: str) -> None:
+        known = ", ".join(sorted(ARCHES))
+        super().__init__(f"unknown arch {name!r}; the lab knows: {known}")
+
+
+def get_arch(name: str) -> Arch:
+    """The machine record for an arch name, or UnknownArch."""
+    try:
+        return ARCHES[name]
+    except KeyError:
+        raise UnknownArch(name) from None

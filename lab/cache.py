@@ -1,0 +1,115 @@
+"""The lab's cache directory: finished builds, scratch space, locks, memos.
+
+Layout under the cache root (default ~/.cache/kernel-lab, --lab-cache):
+
+    kernels/<arch>-<key>/   finished kernel builds (manifest.json last)
+    guest/<arch>-<key>/     guest programs and initramfs
+    scratch/                builds in progress (removed when they end)
+    failed/                 build logs of failed builds
+    locks/                  one lock file per key
+    ccache/                 the compiler cache shared by all builds
+    memo.json               file hashes and host probes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from lab.errors import BuildError
+from lab.progress import Progress
+
+DEFAULT_CACHE = Path.home() / ".cache" / "kernel-lab"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class LabCache:
+    """A cache root and the operations on it that need care."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.expanduser().resolve()
+        for sub in ("kernels", "guest", "scratch", "failed", "locks", "ccache"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def kernels_dir(self) -> Path:
+        return self.root / "kernels"
+
+    @property
+    def guest_dir(self) -> Path:
+        return self.root / "guest"
+
+    @property
+    def ccache_dir(self) -> Path:
+        return self.root / "ccache"
+
+    @property
+    def failed_dir(self) -> Path:
+        return self.root / "failed"
+
+    def scratch_dir(self, name: str) -> Path:
+        """A fresh directory for one build; the caller removes it."""
+        return Path(tempfile.mkdtemp(prefix=f"{name}.", dir=self.root / "scratch"))
+
+    @contextlib.contextmanager
+    def lock(self, name: str, progress: Progress | None = None) -> Iterator[None]:
+        """Hold the lock of one key; tells the user when it has to wait."""
+        path = self.root / "locks" / f"{name}.lock"
+        with path.open("a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if progress:
+                    progress.phase(f"waiting for another run that holds {name}")
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def check_free_space(self, needed: int) -> None:
+        free = shutil.disk_usage(self.root).free
+        if free < needed:
+            raise BuildError(
+                f"only {free / 1024**3:.1f} GB free under {self.root}; "
+                f"a kernel build needs {needed / 1024**3:.0f} GB"
+            )
+
+    def memo_file_hash(self, path: Path) -> str:
+        """sha256 of a large file, remembered by its path, size and mtime."""
+        st = path.stat()
+        memo_key = f"sha256:{path}:{st.st_size}:{st.st_mtime_ns}"
+        memo = self.read_memo()
+        if memo_key not in memo:
+            memo[memo_key] = file_sha256(path)
+            self.write_memo(memo)
+        return str(memo[memo_key])
+
+    def read_memo(self) -> dict[str, object]:
+        try:
+            data = json.loads((self.root / "memo.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_memo(self, memo: dict[str, object]) -> None:
+        """Replace memo.json atomically, so a reader never sees half of it."""
+        with self.lock("memo"):
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix="memo.")
+            with os.fdopen(fd, "w") as f:
+                json.dump(memo, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.root / "memo.json")

@@ -1,0 +1,243 @@
+"""What checks use inside a guest: cpusets, guest programs, and the two
+witnesses of the task_setscheduler hook.
+
+- TestLsm reads the test LSM's record of every hook call and sets its
+  deny rule (securityfs, patches/*labtest*).
+- KprobeWitness puts a kprobe event on security_task_setscheduler and
+  reads the mask argument's first word from the trace. It fetches the
+  mask only when the built tree's hook has that argument: on a stock
+  kernel the register holds leftovers that can look like a mask.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from lab.arches import Arch
+from lab.console import BootedGuest, CommandResult
+from lab.errors import GuestError
+from lab.kbuild import KernelImage
+from lab.ktap import KtapReport, parse_ktap
+
+SECURITYFS = "/sys/kernel/security"
+TRACEFS = "/sys/kernel/tracing"
+CGROUP2 = "/sys/fs/cgroup"
+CGROUP1_CPUSET = "/tmp/cpuset-v1"
+
+
+class HookNotExpanded(AssertionError):
+    """The kernel's task_setscheduler hook does not take the CPU mask."""
+
+
+def require_expanded_hook(kernel: KernelImage) -> None:
+    """Fail a mask check on a kernel whose hook cannot see a mask."""
+    if not kernel.hook_expanded:
+        raise HookNotExpanded(
+            "hook not expanded: this kernel's security_task_setscheduler() takes no "
+            f"CPU mask ({kernel.source}), so no LSM can see the requested mask"
+        )
+
+
+@dataclass
+class ProgramRun:
+    """A guest program's run: its console result and its KTAP report."""
+
+    result: CommandResult
+    ktap: KtapReport
+
+    @property
+    def pid(self) -> int:
+        return int(self.ktap.diagnostics["pid"])
+
+    def fact(self, key: str) -> str:
+        try:
+            return self.ktap.diagnostics[key]
+        except KeyError:
+            raise AssertionError(f"the program did not report {key!r}:\n{self.result.output}") from None
+
+    def assert_ok(self) -> None:
+        """Every KTAP test of the program passed."""
+        problems = self.ktap.problems()
+        assert not problems, "guest program reported:\n  " + "\n  ".join(problems) + (
+            "\n--- output ---\n" + self.result.output)
+
+
+def run_program(guest: BootedGuest, program: str, *args: str, cgroup: str | None = None,
+                reports: list[KtapReport] | None = None) -> ProgramRun:
+    """Run a guest program and parse its KTAP; a harness failure raises."""
+    result = guest.run(program, *args, cgroup=cgroup)
+    ktap = parse_ktap(result.output)
+    if reports is not None:
+        reports.append(ktap)
+    if result.rc != 0:
+        raise GuestError(f"guest program {program} {' '.join(args)} failed to run "
+                         f"(rc={result.rc}):\n{result.output}")
+    return ProgramRun(result, ktap)
+
+
+class Cpuset:
+    """A child cpuset with the given CPUs, v2 (default) or v1 hierarchy."""
+
+    counter = 0
+
+    def __init__(self, guest: BootedGuest, cpus: str) -> None:
+        Cpuset.counter += 1
+        self.guest = guest
+        self.cpus = cpus
+        self.path = f"{CGROUP2}/lab{Cpuset.counter}"
+
+    def __enter__(self) -> Cpuset:
+        self.guest.write(f"{CGROUP2}/cgroup.subtree_control", "+cpuset")
+        self.guest.mkdir(self.path)
+        self.guest.write(f"{self.path}/cpuset.cpus", self.cpus)
+        effective = self.guest.cat(f"{self.path}/cpuset.cpus.effective").strip()
+        if effective != self.cpus:
+            raise GuestError(f"cpuset {self.path}: asked for cpus {self.cpus}, "
+                             f"effective {effective!r}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.guest.alive:
+            self.guest.rmdir(self.path)
+
+
+@dataclass(frozen=True)
+class HookRecord:
+    """One call of the hook as the test LSM recorded it."""
+
+    seq: int
+    caller: int
+    target: int
+    comm: str
+    mask: str  # CPU list, "none" for NULL, "empty" for an empty mask
+    ret: int
+
+
+RECORD_RE = re.compile(
+    r"seq=(?P<seq>\d+) caller=(?P<caller>-?\d+) target=(?P<target>-?\d+) "
+    r"comm=(?P<comm>.*?) mask=(?P<mask>\S+) ret=(?P<ret>-?\d+)$"
+)
+
+
+def parse_records(text: str) -> list[HookRecord]:
+    records = []
+    for line in text.splitlines():
+        m = RECORD_RE.match(line.strip())
+        if m:
+            records.append(HookRecord(int(m["seq"]), int(m["caller"]), int(m["target"]),
+                                      m["comm"], m["mask"], int(m["ret"])))
+    return records
+
+
+class TestLsm:
+    """The test LSM in the guest: its call log and its deny rule."""
+
+    __test__ = False  # not a pytest test class
+    log_path = f"{SECURITYFS}/labtest/log"
+    rule_path = f"{SECURITYFS}/labtest/rule"
+
+    def __init__(self, guest: BootedGuest, kernel: KernelImage) -> None:
+        self.guest = guest
+        self.kernel = kernel
+
+    def require(self) -> TestLsm:
+        """The test LSM must be in the kernel and enabled; else the check fails."""
+        require_expanded_hook(self.kernel)
+        lsms = self.guest.cat(f"{SECURITYFS}/lsm").strip()
+        if "labtest" not in lsms.split(","):
+            raise AssertionError(f"the test LSM is not enabled in this kernel (lsm: {lsms})")
+        return self
+
+    def clear(self) -> None:
+        """Empty the call log and drop the deny rule."""
+        self.guest.write(self.log_path, "clear")
+        self.allow_all()
+
+    def allow_all(self) -> None:
+        self.guest.write(self.rule_path, "clear")
+
+    def deny_cpus(self, cpus: str) -> None:
+        self.guest.write(self.rule_path, f"deny_cpus {cpus}")
+
+    def records(self, caller: int | None = None) -> list[HookRecord]:
+        records = parse_records(self.guest.cat(self.log_path))
+        return [r for r in records if caller is None or r.caller == caller]
+
+
+@dataclass(frozen=True)
+class KprobeHit:
+    pid: int
+    comm: str
+    mask_ptr: int | None
+    mask_word: int | None
+
+
+KPROBE_LINE_RE = re.compile(
+    r"^\s*(?P<comm>.+?)-(?P<pid>\d+)\s+\[\d+\].*?\s(?P<event>\w+): \((?P<where>[^)]*)\)(?P<args>.*)$"
+)
+
+
+def parse_kprobe_trace(text: str, event: str) -> list[KprobeHit]:
+    hits = []
+    for line in text.splitlines():
+        m = KPROBE_LINE_RE.match(line)
+        if not m or m["event"] != event:
+            continue
+        args = dict(kv.split("=", 1) for kv in m["args"].split() if "=" in kv)
+        hits.append(KprobeHit(
+            pid=int(m["pid"]),
+            comm=m["comm"].strip(),
+            mask_ptr=int(args["mask"], 16) if "mask" in args else None,
+            mask_word=int(args["word"], 16) if "word" in args else None,
+        ))
+    return hits
+
+
+class KprobeWitness:
+    """A kprobe event on security_task_setscheduler, independent of the test LSM."""
+
+    group = "kernel_lab"
+
+    def __init__(self, guest: BootedGuest, arch: Arch, kernel: KernelImage,
+                 function: str = "security_task_setscheduler", event: str = "setsched") -> None:
+        self.guest = guest
+        self.arch = arch
+        self.kernel = kernel
+        self.function = function
+        self.event = event
+
+    def definition(self) -> str:
+        """The kprobe_events line; the mask is fetched only if the hook has it."""
+        task_reg, mask_reg = self.arch.kprobe_args
+        word = self.arch.word_type
+        args = [f"task={task_reg}:{word}"]
+        if self.kernel.hook_expanded and self.function == "security_task_setscheduler":
+            args += [f"mask={mask_reg}:{word}", f"word=+0({mask_reg}):{word}"]
+        return f"p:{self.group}/{self.event} {self.function} {' '.join(args)}"
+
+    def __enter__(self) -> KprobeWitness:
+        self.guest.append(f"{TRACEFS}/kprobe_events", self.definition())
+        self.guest.write(f"{TRACEFS}/trace", "")
+        self.guest.write(f"{TRACEFS}/events/{self.group}/{self.event}/enable", "1")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.guest.alive:
+            return
+        self.guest.command("write", f"{TRACEFS}/events/{self.group}/{self.event}/enable", "0")
+        self.guest.command("append", f"{TRACEFS}/kprobe_events", f"-:{self.group}/{self.event}")
+
+    def hits(self, pid: int | None = None) -> list[KprobeHit]:
+        hits = parse_kprobe_trace(self.guest.cat(f"{TRACEFS}/trace"), self.event)
+        return [h for h in hits if pid is None or h.pid == pid]
+
+
+def cpulist_to_word(cpus: str) -> int:
+    """The first word of a cpumask holding these CPUs ("0-1" -> 0b11)."""
+    word = 0
+    for part in cpus.split(","):
+        lo, _, hi = part.partition("-")
+        for cpu in range(int(lo), int(hi or lo) + 1):
+            word |= 1 << cpu
+    return word

@@ -1,0 +1,116 @@
+"""`lab`: the lab from the shell.
+
+    lab doctor               what this host has and lacks, KVM or not
+    lab build --arch A       build (or find in the cache) the kernel
+    lab test [pytest args]   run the checks: pytest with the lab's tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import sys
+from pathlib import Path
+
+from lab.arches import ARCHES, UnknownArch, get_arch
+from lab.cache import DEFAULT_CACHE, LabCache
+from lab.errors import LabError
+from lab.kbuild import DEFAULT_SERIES, DEFAULT_TARBALL, KernelSource, build_kernel
+from lab.progress import Progress
+from lab.qemu import kvm_precondition
+
+LAB_TESTS = Path(__file__).resolve().parent.parent / "tests"
+
+
+def _source_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kernel-tree", type=Path, default=DEFAULT_TARBALL,
+                        help="kernel source: git tree or tarball (default: %(default)s)")
+    parser.add_argument("--lab-series", default=None,
+                        help="patch series directory, or 'none' (default: patches/ "
+                             "for the default source)")
+    parser.add_argument("--lab-cache", type=Path, default=DEFAULT_CACHE)
+
+
+def _source(args: argparse.Namespace) -> KernelSource:
+    tree = args.kernel_tree.expanduser().resolve()
+    if args.lab_series is None:
+        series = DEFAULT_SERIES if tree == DEFAULT_TARBALL else None
+    elif args.lab_series == "none":
+        series = None
+    else:
+        series = Path(args.lab_series).expanduser().resolve()
+    return KernelSource(tree, series)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    missing = 0
+    print(f"host: {platform.machine()}, Python {platform.python_version()}")
+    tools = {"make": "make", "tar": "tar", "patch": "patch", "ccache": "ccache",
+             "vng": "virtme-ng (pip)"}
+    for arch in ARCHES.values():
+        tools[arch.qemu] = arch.packages[0]
+        tools[arch.cc] = arch.packages[-1]
+    for tool, package in tools.items():
+        path = shutil.which(tool)
+        print(f"  {tool:28} {path or 'MISSING (' + package + ')'}")
+        missing += path is None
+    source = DEFAULT_TARBALL
+    print(f"default source: {source} {'present' if source.exists() else 'MISSING'}")
+    missing += not source.exists()
+    for arch in ARCHES.values():
+        reason = kvm_precondition(arch)
+        print(f"kvm for {arch.name}: {reason or 'possible; a probe boot decides (--lab-accel auto)'}")
+    cache = LabCache(args.lab_cache)
+    free = shutil.disk_usage(cache.root).free / 1024**3
+    print(f"cache: {cache.root} ({free:.0f} GB free)")
+    return 1 if missing else 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    arch = get_arch(args.arch)
+    image = build_kernel(arch, _source(args), LabCache(args.lab_cache), Progress(),
+                         jobs=args.jobs)
+    state = "cached" if image.cached else f"built in {image.build_seconds:.0f} s"
+    print(f"{image.image}\n  release {image.release}, {state}, "
+          f"hook {'expanded' if image.hook_expanded else 'not expanded'}")
+    return 0
+
+
+def cmd_test(args: argparse.Namespace, rest: list[str]) -> int:
+    import pytest
+
+    return int(pytest.main([str(LAB_TESTS / "lab"), *rest]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    doctor = sub.add_parser("doctor", help="check this host's tools")
+    doctor.add_argument("--lab-cache", type=Path, default=DEFAULT_CACHE)
+    build = sub.add_parser("build", help="build the kernel for an arch")
+    build.add_argument("--arch", default="x86_64")
+    build.add_argument("--jobs", type=int, default=None)
+    _source_args(build)
+    sub.add_parser("test", help="run the lab's checks (pytest arguments follow)")
+
+    args, rest = parser.parse_known_args(argv)
+    try:
+        if args.command == "doctor":
+            return cmd_doctor(args)
+        if rest and args.command != "test":
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "build":
+            return cmd_build(args)
+        return cmd_test(args, rest)
+    except (LabError, UnknownArch) as err:
+        print(f"lab: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""A booted guest driven over its console with pexpect.
+
+The guest runs lab-init, which frames each command's output with markers
+(see guest/lab-init.c). Every wait has an explicit timeout and looks for
+the kernel's crash patterns at the same time, so a panic, an oops or a
+hang ends the wait at once with the console tail.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pexpect
+
+from lab import patterns
+from lab.errors import BootError, GuestError, LabError, tail_of
+
+log = logging.getLogger(__name__)
+
+CRLF_RE = re.compile(r"\r+\n")
+# How long to keep reading after a crash line, to get the whole trace.
+CRASH_TRACE_SECONDS = 3.0
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Per-phase timeouts in seconds; scaled up under TCG by the caller."""
+
+    boot: float = 120.0
+    command: float = 60.0
+    poweroff: float = 20.0
+
+
+@dataclass
+class CommandResult:
+    """What one console command gave back."""
+
+    command: str
+    rc: int
+    output: str
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+
+
+class BootedGuest:
+    """A QEMU process (plain or under vng) whose console runs lab-init."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        console_log: Path,
+        program_dir: str,
+        timeouts: Timeouts,
+        env: dict[str, str] | None = None,
+        startup: list[str] | None = None,
+    ) -> None:
+        self.argv = argv
+        self.console_log = console_log
+        self.program_dir = program_dir
+        self.timeouts = timeouts
+        self.env = env
+        # Lines to type before lab-init answers (vng starts a shell first).
+        self.startup = startup or []
+        self.child: pexpect.spawn | None = None
+        self.release = ""
+        self.machine = ""
+        self.boot_seconds = 0.0
+        self.crashed: str | None = None
+        # Kernel WARNINGs seen in command output, in order.
+        self.warnings: list[str] = []
+        self._next_id = 1
+        self._log_file = None
+
+    # -- lifecycle -----------------------------------------------------
+
+    def boot(self) -> float:
+        """Start QEMU and wait for lab-init; returns the boot time."""
+        self.console_log.parent.mkdir(parents=True, exist_ok=True)
+        self._log_file = self.console_log.open("ab")
+        log.info("boot: %s", shlex.join(self.argv))
+        started = time.monotonic()
+        try:
+            self.child = pexpect.spawn(
+                self.argv[0], self.argv[1:], env=self.env, echo=False, timeout=None
+            )
+        except pexpect.ExceptionPexpect as err:
+            raise BootError(f"could not start {self.argv[0]}: {err}") from err
+        self.child.logfile_read = self._log_file
+        for line in self.startup:
+            self.child.sendline(line)
+
+        index = self._expect([patterns.READY], self.timeouts.boot, "boot", BootError)
+        assert index == 0 and self.child.match is not None
+        self.release = self.child.match.group("release").decode()
+        self.machine = self.child.match.group("machine").decode()
+        self.boot_seconds = time.monotonic() - started
+        log.info("boot: %s up in %.1f s", self.release, self.boot_seconds)
+        return self.boot_seconds
+
+    @property
+    def alive(self) -> bool:
+        return self.child is not None and self.child.isalive() and self.crashed is None
+
+    def poweroff(self) -> None:
+        """Ask the guest to power off; kill QEMU if it does not end in time."""
+        if self.child is None:
+            return
+        if self.alive:
+            try:
+                self.child.sendline(f"{self._take_id()} poweroff")
+                self.child.expect(pexpect.EOF, timeout=self.timeouts.poweroff)
+            except (pexpect.TIMEOUT, OSError):
+                log.warning("power off: guest did not stop in %.0f s; killing QEMU",
+                            self.timeouts.poweroff)
+        self.kill()
+
+    def kill(self) -> None:
+        """End QEMU now and close the console log."""
+        if self.child is not None:
+            if self.child.isalive():
+                self.child.close(force=True)
+            else:
+                self.child.close()
+        if self._log_file is not None and not self._log_file.closed:
+            self._log_file.close()
+
+    @property
+    def exit_status(self) -> int | None:
+        if self.child is None or self.child.isalive():
+            return None
+        return self.child.exitstatus if self.child.exitstatus is not None else self.child.signalstatus
+
+    # -- commands ------------------------------------------------------
+
+    def program(self, name: str) -> str:
+        return f"{self.program_dir}/{name}"
+
+    def command(self, verb: str, *args: str, timeout: float | None = None) -> CommandResult:
+        """Send one lab-init command and wait for its end marker."""
+        if not self.alive:
+            raise GuestError(f"guest is not running ({self.crashed or 'QEMU exited'})",
+                             self.console_log, tail_of(self.console_log))
+        assert self.child is not None
+        command_id = self._take_id()
+        text = " ".join((verb, *args))
+        started = time.monotonic()
+        self.child.sendline(f"{command_id} {text}")
+        self._expect([patterns.end_of(command_id)], timeout or self.timeouts.command,
+                      f"command {text!r}", GuestError)
+        assert self.child.match is not None
+        # Two ttys (the guest's and pexpect's pty) each turn \n into \r\n.
+        raw = CRLF_RE.sub("\n", self.child.before.decode(errors="replace"))
+        output = raw.split(f"@@LAB:BEGIN {command_id}@@\n", 1)[-1]
+        result = CommandResult(
+            command=text,
+            rc=int(self.child.match.group("rc")),
+            output=output,
+            seconds=time.monotonic() - started,
+            warnings=patterns.find_warnings(output),
+        )
+        self.warnings.extend(result.warnings)
+        return result
+
+    def run(self, program: str, *args: str, cgroup: str | None = None,
+            timeout: float | None = None) -> CommandResult:
+        """Run a guest program (by name), optionally inside a cgroup."""
+        if cgroup:
+            return self.command("runcg", cgroup, self.program(program), *args, timeout=timeout)
+        return self.command("run", self.program(program), *args, timeout=timeout)
+
+    def cat(self, path: str) -> str:
+        result = self.command("cat", path)
+        if result.rc != 0:
+            raise GuestError(f"cannot read {path} in the guest: {result.output.strip()}")
+        return result.output
+
+    def write(self, path: str, text: str = "") -> None:
+        result = self.command("write", path, *([text] if text else []))
+        if result.rc != 0:
+            raise GuestError(f"cannot write {text!r} to {path} in the guest: "
+                             f"{result.output.strip()}")
+
+    def append(self, path: str, text: str) -> None:
+        result = self.command("append", path, text)
+        if result.rc != 0:
+            raise GuestError(f"cannot append {text!r} to {path} in the guest: "
+                             f"{result.output.strip()}")
+
+    def mkdir(self, path: str) -> None:
+        result = self.command("mkdir", path)
+        if result.rc != 0 and "File exists" not in result.output:
+            raise GuestError(f"cannot mkdir {path} in the guest: {result.output.strip()}")
+
+    def rmdir(self, path: str) -> None:
+        self.command("rmdir", path)
+
+    # -- internals -----------------------------------------------------
+
+    def _take_id(self) -> int:
+        command_id = self._next_id
+        self._next_id += 1
+        return command_id
+
+    def _expect(self, wanted: list[bytes], timeout: float, what: str,
+                error: type[LabError]) -> int:
+        """Wait for one of wanted; a crash, QEMU's exit or the timeout raise."""
+        assert self.child is not None
+        crash_names = list(patterns.CRASHES)
+        pattern_list = [*wanted, *patterns.CRASHES.values(), pexpect.EOF, pexpect.TIMEOUT]
+        index = self.child.expect(pattern_list, timeout=timeout)
+        if index < len(wanted):
+            return index
+
+        if index < len(wanted) + len(crash_names):
+            kind = crash_names[index - len(wanted)]
+            line = self.child.after.decode(errors="replace").strip()
+            self._drain(CRASH_TRACE_SECONDS)
+            self.crashed = f"{kind}: {line}"
+            self.kill()
+            raise error(f"{kind} during {what}: {line}", self.console_log,
+                        tail_of(self.console_log, 40))
+        if index == len(pattern_list) - 2:
+            self.child.close()
+            status = self.exit_status
+            self.crashed = f"QEMU exited with status {status}"
+            self.kill()
+            raise error(f"QEMU exited (status {status}) during {what}", self.console_log,
+                        tail_of(self.console_log, 40))
+        self.crashed = f"no answer within {timeout:.0f} s"
+        self.kill()
+        raise error(f"guest hang: no answer within {timeout:.0f} s during {what}",
+                    self.console_log, tail_of(self.console_log, 40))
+
+    def _drain(self, seconds: float) -> None:
+        """Read what the console still prints for a while (a crash trace)."""
+        assert self.child is not None
+        try:
+            self.child.expect(pexpect.EOF, timeout=seconds)
+        except (pexpect.TIMEOUT, OSError):
+            pass

@@ -1,0 +1,69 @@
+"""The lab's exceptions, one per phase of a run.
+
+Each carries the log a person should open and the last lines of it, so a
+failure explains itself where it is reported.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LabError(Exception):
+    """A failure of one phase of the lab, with the log that shows it."""
+
+    phase = "lab"
+
+    def __init__(self, message: str, log: Path | None = None, tail: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.log = log
+        self.tail = tail
+
+    def __str__(self) -> str:
+        text = f"[{self.phase}] {self.message}"
+        if self.log is not None:
+            text += f"\n  log: {self.log}"
+        if self.tail:
+            lines = "\n".join("  | " + line for line in self.tail.splitlines())
+            text += f"\n  last lines:\n{lines}"
+        return text
+
+
+class ToolMissing(LabError):
+    """A host tool (QEMU, a cross compiler) is not installed."""
+
+    phase = "setup"
+
+
+class BuildError(LabError):
+    """The kernel or the guest programs did not build."""
+
+    phase = "build"
+
+
+class BootError(LabError):
+    """QEMU did not start, or the guest did not reach the lab's init."""
+
+    phase = "boot"
+
+
+class GuestError(LabError):
+    """The guest crashed, hung or answered wrongly while running a check."""
+
+    phase = "run"
+
+
+class AccelUnavailable(LabError):
+    """The accelerator asked for cannot run a guest on this host."""
+
+    phase = "accel"
+
+
+def tail_of(path: Path, lines: int = 30) -> str:
+    """The last lines of a log, or an empty string when there is none."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])

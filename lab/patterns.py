@@ -1,0 +1,57 @@
+"""Console patterns, in one place for every arch and launcher.
+
+The lab's own markers frame what lab-init prints; the kernel's patterns
+tell a crash from a clean run. Each has a name (used in failure messages)
+and is a bytes regex for pexpect.
+"""
+
+from __future__ import annotations
+
+import re
+
+READY = rb"@@LAB:READY (?P<release>\S+) (?P<machine>\S+)@@"
+END = rb"@@LAB:END (?P<id>\d+) rc=(?P<rc>\d+)@@"
+
+
+def end_of(command_id: int) -> bytes:
+    return rb"@@LAB:END " + str(command_id).encode() + rb" rc=(?P<rc>\d+)@@"
+
+
+def begin_of(command_id: int) -> bytes:
+    return rb"@@LAB:BEGIN " + str(command_id).encode() + rb"@@"
+
+
+# Kernel states that end the guest's usefulness: the check fails, the next
+# one boots afresh. Order matters when several match: the first wins.
+CRASHES: dict[str, bytes] = {
+    "kernel panic": rb"Kernel panic - not syncing:[^\r\n]*",
+    "init died": rb"Attempted to kill init![^\r\n]*",
+    "oops": rb"(?:Oops(?:: [^\r\n]*)?|BUG: [^\r\n]*|general protection fault[^\r\n]*|Unable to handle kernel [^\r\n]*)",
+    "soft lockup": rb"watchdog: BUG: soft lockup[^\r\n]*",
+    "rcu stall": rb"rcu: INFO: rcu_[a-z]+ (?:self-)?detected stalls[^\r\n]*",
+}
+
+# Reported against the check that caused it, but the guest goes on.
+WARNING = rb"WARNING: CPU: \d+ PID: \d+ at [^\r\n]*"
+
+CRASH_RES = {name: re.compile(pat) for name, pat in CRASHES.items()}
+WARNING_RE = re.compile(WARNING)
+
+
+def find_crash(text: bytes | str) -> tuple[str, str] | None:
+    """The first crash in console text: (kind, the matching line)."""
+    data = text.encode() if isinstance(text, str) else text
+    found: list[tuple[int, str, str]] = []
+    for name, regex in CRASH_RES.items():
+        m = regex.search(data)
+        if m:
+            found.append((m.start(), name, m.group(0).decode(errors="replace")))
+    if not found:
+        return None
+    _, name, line = min(found)
+    return name, line
+
+
+def find_warnings(text: bytes | str) -> list[str]:
+    data = text.encode() if isinstance(text, str) else text
+    return [m.group(0).decode(errors="replace") for m in WARNING_RE.finditer(data)]

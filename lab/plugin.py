@@ -1,0 +1,242 @@
+"""The pytest plugin: options, markers, fixtures and the run's report.
+
+A test that takes the `lab_arch` fixture runs once per arch in the arch
+table, marked with the arch's name, so `pytest -m mips` selects the MIPS
+runs. The `guest` fixture hands it the arch's booted guest (one boot per
+session, a fresh one after a crash); `kernel` gives the built image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.arches import ARCHES, Arch, get_arch
+from lab.console import CRLF_RE, BootedGuest
+from lab.errors import LabError
+from lab.kbuild import DEFAULT_SERIES, DEFAULT_TARBALL, KernelImage
+from lab.ktap import KtapReport
+from lab.progress import Progress
+from lab.qemu import ACCELS
+from lab.report import CheckOutcome
+from lab.session import LAUNCHERS, LabOptions, LabRun
+
+RUN_KEY = pytest.StashKey[LabRun]()
+OPTIONS_KEY = pytest.StashKey[LabOptions]()
+GUEST_KEY = pytest.StashKey[BootedGuest]()
+WARN_START_KEY = pytest.StashKey[int]()
+CONSOLE_START_KEY = pytest.StashKey[tuple[Path, int]]()
+KTAP_KEY = pytest.StashKey[list[KtapReport]]()
+OUTCOME_KEY = pytest.StashKey[dict[str, Any]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("kernel-lab", "kernel-lab: build, boot and test kernels")
+    group.addoption("--kernel-tree", metavar="PATH", default=str(DEFAULT_TARBALL),
+                    help="kernel source: a git tree, or a source tarball "
+                         "(default: %(default)s)")
+    group.addoption("--lab-series", metavar="PATH|none", default=None,
+                    help="patch series applied to the source; 'none' builds it "
+                         f"as it is (default: {DEFAULT_SERIES} for the default source)")
+    group.addoption("--lab-accel", choices=ACCELS, default="auto",
+                    help="accelerator: auto probes KVM and falls back to TCG (default: auto)")
+    group.addoption("--lab-launcher", choices=LAUNCHERS, default="qemu",
+                    help="boot with plain QEMU and the lab's initramfs, or with "
+                         "virtme-ng where it supports the arch (default: qemu)")
+    group.addoption("--lab-cache", metavar="DIR", default="~/.cache/kernel-lab",
+                    help="build cache (default: %(default)s)")
+    group.addoption("--lab-results", metavar="DIR", default="results",
+                    help="where results/<run-id>/ goes (default: %(default)s)")
+    group.addoption("--lab-jobs", metavar="N", type=int, default=None,
+                    help="parallel make jobs (default: number of CPUs)")
+    group.addoption("--lab-build-timeout", metavar="S", type=float, default=3600.0,
+                    help="seconds a kernel build may take (default: %(default)s)")
+    group.addoption("--lab-boot-timeout", metavar="S", type=float, default=60.0,
+                    help="seconds to reach the lab's init, x3 under TCG (default: %(default)s)")
+    group.addoption("--lab-check-timeout", metavar="S", type=float, default=30.0,
+                    help="seconds one guest command may take, x3 under TCG "
+                         "(default: %(default)s)")
+
+
+def options_from(config: pytest.Config) -> LabOptions:
+    tree = Path(config.getoption("--kernel-tree")).expanduser()
+    series_opt = config.getoption("--lab-series")
+    series: Path | None
+    if series_opt is None:
+        series = DEFAULT_SERIES if tree == DEFAULT_TARBALL else None
+    elif series_opt == "none":
+        series = None
+    else:
+        series = Path(series_opt).expanduser().resolve()
+    return LabOptions(
+        kernel_tree=tree,
+        series=series,
+        accel=config.getoption("--lab-accel"),
+        launcher=config.getoption("--lab-launcher"),
+        cache=Path(config.getoption("--lab-cache")),
+        results=Path(config.getoption("--lab-results")),
+        jobs=config.getoption("--lab-jobs"),
+        build_timeout=config.getoption("--lab-build-timeout"),
+        boot_timeout=config.getoption("--lab-boot-timeout"),
+        check_timeout=config.getoption("--lab-check-timeout"),
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name in ARCHES:
+        config.addinivalue_line("markers", f"{name}: checks that boot a {name} guest")
+    config.addinivalue_line("markers", "lab: tests that build and boot a kernel")
+    config.addinivalue_line("markers", "arches(*names): limit a lab test to these arches")
+    config.addinivalue_line("markers", "vng: tests of the virtme-ng launcher")
+    config.stash[OPTIONS_KEY] = options_from(config)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "lab_arch" not in metafunc.fixturenames:
+        return
+    limit = metafunc.definition.get_closest_marker("arches")
+    names = list(limit.args) if limit else list(ARCHES)
+    params = [
+        pytest.param(name, marks=[getattr(pytest.mark, name), pytest.mark.lab], id=name)
+        for name in names
+        if name in ARCHES
+    ]
+    metafunc.parametrize("lab_arch", params)
+
+
+def _terminal_progress(config: pytest.Config) -> Progress:
+    capman = config.pluginmanager.getplugin("capturemanager")
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+
+    def write(text: str) -> None:
+        if reporter is None:
+            return
+        if capman is not None:
+            with capman.global_and_fixture_disabled():
+                reporter.write(text)
+                reporter.flush()
+        else:
+            reporter.write(text)
+            reporter.flush()
+
+    tty = bool(reporter is not None and reporter.isatty)
+    return Progress(write=write, tty=tty)
+
+
+@pytest.fixture(scope="session")
+def lab_run(pytestconfig: pytest.Config) -> LabRun:
+    """The run's state: built kernels, guests, results directory."""
+    if RUN_KEY not in pytestconfig.stash:
+        run = LabRun(pytestconfig.stash[OPTIONS_KEY], _terminal_progress(pytestconfig))
+        pytestconfig.stash[RUN_KEY] = run
+    return pytestconfig.stash[RUN_KEY]
+
+
+@pytest.fixture
+def arch(lab_arch: str) -> Arch:
+    """The machine record of the arch this test runs on."""
+    return get_arch(lab_arch)
+
+
+@pytest.fixture
+def kernel(lab_run: LabRun, lab_arch: str) -> KernelImage:
+    """The kernel built for this arch (from the cache when it is there)."""
+    return lab_run.kernel(lab_arch)
+
+
+@pytest.fixture
+def ktap_reports(request: pytest.FixtureRequest) -> list[KtapReport]:
+    """KTAP reports of the guest programs a test ran, for the JUnit XML."""
+    reports: list[KtapReport] = []
+    request.node.stash[KTAP_KEY] = reports
+    return reports
+
+
+@pytest.fixture
+def guest(request: pytest.FixtureRequest, lab_run: LabRun, lab_arch: str) -> Iterator[BootedGuest]:
+    """The booted guest of this arch; a crashed one is replaced first."""
+    booted = lab_run.guest(lab_arch)
+    request.node.stash[GUEST_KEY] = booted
+    request.node.stash[WARN_START_KEY] = len(booted.warnings)
+    request.node.stash[CONSOLE_START_KEY] = (booted.console_log, booted.console_log.stat().st_size)
+    yield booted
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    run = session.config.stash.get(RUN_KEY, None)
+    if run is not None:
+        run.close()
+        reporter = session.config.pluginmanager.getplugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"[lab] results: {run.results.dir}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()
+
+    # A lab failure explains itself: show its message, not a traceback.
+    if call.excinfo is not None and isinstance(call.excinfo.value, LabError):
+        report.longrepr = str(call.excinfo.value)
+
+    # A kernel WARNING during the check fails the check that caused it.
+    booted = item.stash.get(GUEST_KEY, None)
+    if report.when == "call" and booted is not None and report.passed:
+        new = booted.warnings[item.stash[WARN_START_KEY]:]
+        if new:
+            report.outcome = "failed"
+            report.longrepr = "kernel WARNING during this check:\n  " + "\n  ".join(new)
+
+    _record(item, report)
+
+
+def _record(item: pytest.Item, report: pytest.TestReport) -> None:
+    """Fold setup/call/teardown into one CheckOutcome for the results."""
+    callspec = getattr(item, "callspec", None)
+    if callspec is None or "lab_arch" not in callspec.params:
+        return
+    state = item.stash.setdefault(OUTCOME_KEY, {"outcome": "passed", "seconds": 0.0,
+                                                "message": "", "details": ""})
+    state["seconds"] += report.duration
+    if report.failed and state["outcome"] == "passed":
+        state["outcome"] = "failed" if report.when == "call" else "error"
+        state["details"] = str(report.longrepr)
+        state["message"] = state["details"].strip().splitlines()[-1][:300] if state["details"] else ""
+    elif report.skipped and state["outcome"] == "passed":
+        state["outcome"] = "skipped"
+        longrepr = report.longrepr
+        state["message"] = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+
+    if report.when != "teardown":
+        return
+    run = item.config.stash.get(RUN_KEY, None)
+    if run is None:
+        return
+    run.results.add_check(CheckOutcome(
+        name=item.name,
+        arch=callspec.params["lab_arch"],
+        outcome=state["outcome"],
+        seconds=state["seconds"],
+        message=state["message"],
+        details=state["details"],
+        console=_console_slice(item),
+        ktap=item.stash.get(KTAP_KEY, []),
+    ))
+
+
+def _console_slice(item: pytest.Item) -> str:
+    start = item.stash.get(CONSOLE_START_KEY, None)
+    if start is None:
+        return ""
+    path, offset = start
+    try:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return CRLF_RE.sub("\n", f.read(256 * 1024).decode(errors="replace"))
+    except OSError:
+        return ""
+

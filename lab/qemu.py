@@ -1,0 +1,178 @@
+"""QEMU command lines, and the choice between KVM and TCG.
+
+KVM is used only where it really runs a guest: a host may have a /dev/kvm
+under which a kernel never boots (a software nested hypervisor). The
+probe boots the lab's own kernel under KVM once per host and remembers
+the answer in the cache; `auto` falls back to TCG with the reason logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lab.arches import Arch
+from lab.cache import LabCache
+from lab.console import BootedGuest, Timeouts
+from lab.errors import AccelUnavailable, LabError, ToolMissing
+from lab.progress import Progress
+
+log = logging.getLogger(__name__)
+
+ACCELS = ("auto", "kvm", "tcg")
+PROBE_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class AccelChoice:
+    accel: str
+    reason: str
+
+
+def kernel_cmdline(arch: Arch, extra: tuple[str, ...] = ()) -> str:
+    """The guest's command line: console, panic ends QEMU, the arch's extras."""
+    parts = [f"console={arch.console}", "panic=-1", *arch.cmdline, *extra]
+    return " ".join(parts)
+
+
+def qemu_argv(
+    arch: Arch,
+    image: Path,
+    initramfs: Path,
+    accel: str,
+    extra_cmdline: tuple[str, ...] = (),
+) -> list[str]:
+    """The full QEMU command for a plain boot with the lab's initramfs."""
+    cpu = arch.cpu_kvm if accel == "kvm" and arch.cpu_kvm else arch.cpu_tcg
+    return [
+        arch.qemu,
+        "-M", arch.machine,
+        "-accel", accel,
+        "-cpu", cpu,
+        "-smp", str(arch.smp),
+        "-m", str(arch.memory_mb),
+        "-nodefaults",
+        "-no-user-config",
+        "-display", "none",
+        "-no-reboot",
+        # signal=off: a ^C on the console is the guest's, not QEMU's.
+        "-chardev", "stdio,id=console,signal=off",
+        "-serial", "chardev:console",
+        "-kernel", str(image),
+        "-initrd", str(initramfs),
+        "-append", kernel_cmdline(arch, extra_cmdline),
+        *arch.qemu_extra,
+    ]
+
+
+def require_qemu(arch: Arch) -> str:
+    path = shutil.which(arch.qemu)
+    if path is None:
+        raise ToolMissing(
+            f"{arch.qemu} not found; install it: apt-get install {arch.packages[0]}"
+        )
+    return path
+
+
+def qemu_version(arch: Arch) -> str:
+    out = subprocess.run([arch.qemu, "--version"], capture_output=True, text=True)
+    return out.stdout.splitlines()[0] if out.stdout else "unknown"
+
+
+def host_identity(arch: Arch) -> str:
+    """What decides whether KVM works here: kernel, CPU, QEMU, KVM modules."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    modules = ""
+    try:
+        modules = ",".join(
+            sorted(line.split()[0] for line in Path("/proc/modules").read_text().splitlines()
+                   if line.startswith("kvm"))
+        )
+    except OSError:
+        pass
+    return "|".join((arch.name, platform.release(), model, qemu_version(arch), modules))
+
+
+def kvm_precondition(arch: Arch) -> str | None:
+    """Why KVM cannot work at all for this arch here, or None."""
+    if arch.kvm_host is None or platform.machine() != arch.kvm_host:
+        return f"a {arch.name} guest cannot use KVM on a {platform.machine()} host"
+    if not os.path.exists("/dev/kvm"):
+        return "/dev/kvm does not exist"
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+        os.close(fd)
+    except OSError as err:
+        return f"/dev/kvm cannot be opened: {err.strerror}"
+    return None
+
+
+def probe_kvm(arch: Arch, image: Path, initramfs: Path) -> tuple[bool, str]:
+    """Boot the lab's kernel under KVM: does it reach lab-init?"""
+    with tempfile.TemporaryDirectory(prefix="kernel-lab-kvm-probe.") as tmp:
+        console_log = Path(tmp) / "console.log"
+        guest = BootedGuest(
+            qemu_argv(arch, image, initramfs, "kvm"),
+            console_log,
+            "/bin",
+            Timeouts(boot=PROBE_TIMEOUT, poweroff=5.0),
+        )
+        try:
+            guest.boot()
+        except LabError as err:
+            lines = [ln for ln in console_log.read_text(errors="replace").splitlines() if ln.strip()]
+            last = lines[-1].strip() if lines else "no console output"
+            return False, f"a probe boot under KVM failed ({err.message}; last line: {last})"
+        finally:
+            guest.poweroff()
+    return True, "a probe boot under KVM reached lab-init"
+
+
+def choose_accel(
+    requested: str,
+    arch: Arch,
+    image: Path,
+    initramfs: Path,
+    cache: LabCache,
+    progress: Progress,
+) -> AccelChoice:
+    """KVM or TCG for this arch, as asked: auto probes, kvm insists."""
+    if requested not in ACCELS:
+        raise AccelUnavailable(f"unknown accelerator {requested!r}; use one of {', '.join(ACCELS)}")
+    if requested == "tcg":
+        return AccelChoice("tcg", "asked for with --lab-accel tcg")
+
+    reason = kvm_precondition(arch)
+    works = False
+    if reason is None:
+        memo_key = f"kvm-probe:{host_identity(arch)}"
+        memo = cache.read_memo()
+        cached = memo.get(memo_key)
+        if isinstance(cached, dict):
+            works, reason = bool(cached["works"]), str(cached["reason"]) + " (cached probe)"
+        else:
+            progress.phase(f"accel {arch.name}: probing KVM with a test boot")
+            works, reason = probe_kvm(arch, image, initramfs)
+            memo = cache.read_memo()
+            memo[memo_key] = {"works": works, "reason": reason}
+            cache.write_memo(memo)
+
+    if works:
+        return AccelChoice("kvm", reason)
+    if requested == "kvm":
+        raise AccelUnavailable(f"--lab-accel kvm, but KVM cannot run a {arch.name} guest here: {reason}")
+    progress.warn(f"accel {arch.name}: using TCG, not KVM: {reason}")
+    return AccelChoice("tcg", reason)

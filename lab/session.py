@@ -1,0 +1,173 @@
+"""One lab run: per arch, the kernel, the guest bundle, the accelerator and
+the booted guest that the checks share.
+
+The plugin and the `lab` command both drive a LabRun. A guest is booted
+once and reused; when a check leaves it crashed or hung, the next check
+gets a fresh boot. Every boot writes its console log and QEMU command
+into the run's results directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lab import vng
+from lab.arches import Arch, get_arch
+from lab.cache import LabCache
+from lab.console import BootedGuest, Timeouts
+from lab.errors import LabError
+from lab.guest import GuestBundle, build_guest
+from lab.kbuild import DEFAULT_SERIES, DEFAULT_TARBALL, KernelImage, KernelSource, build_kernel
+from lab.progress import Progress
+from lab.qemu import AccelChoice, choose_accel, qemu_argv, require_qemu
+from lab.report import RunResults
+
+log = logging.getLogger(__name__)
+
+LAUNCHERS = ("qemu", "vng")
+# TCG runs guest code many times slower than KVM; timeouts scale with it.
+TCG_SLOWDOWN = 3.0
+
+
+@dataclass
+class LabOptions:
+    """What the user chose on the command line."""
+
+    kernel_tree: Path = DEFAULT_TARBALL
+    series: Path | None = DEFAULT_SERIES
+    accel: str = "auto"
+    launcher: str = "qemu"
+    cache: Path = Path("~/.cache/kernel-lab")
+    results: Path = Path("results")
+    jobs: int | None = None
+    build_timeout: float = 3600.0
+    boot_timeout: float = 60.0
+    check_timeout: float = 30.0
+
+
+@dataclass
+class ArchState:
+    """What the run has for one arch so far."""
+
+    arch: Arch
+    kernel: KernelImage | None = None
+    bundle: GuestBundle | None = None
+    accel: AccelChoice | None = None
+    guest: BootedGuest | None = None
+    boots: list[float] = field(default_factory=list)
+    # A failure to build or boot, kept so later checks report it at once.
+    failure: LabError | None = None
+
+
+class LabRun:
+    """The state of one run of the lab across arches."""
+
+    def __init__(self, options: LabOptions, progress: Progress | None = None) -> None:
+        self.options = options
+        self.progress = progress or Progress()
+        self.cache = LabCache(options.cache)
+        self.results = RunResults.create(options.results)
+        self.source = KernelSource(options.kernel_tree.expanduser().resolve(), options.series)
+        self.states: dict[str, ArchState] = {}
+
+    def state(self, arch_name: str) -> ArchState:
+        if arch_name not in self.states:
+            self.states[arch_name] = ArchState(get_arch(arch_name))
+        return self.states[arch_name]
+
+    # -- phases ----------------------------------------------------------
+
+    def kernel(self, arch_name: str) -> KernelImage:
+        """Build (or find in the cache) the kernel for an arch, once per run."""
+        state = self.state(arch_name)
+        if state.failure is not None:
+            raise state.failure
+        if state.kernel is None:
+            try:
+                state.kernel = build_kernel(
+                    state.arch, self.source, self.cache, self.progress,
+                    jobs=self.options.jobs, timeout=self.options.build_timeout,
+                )
+            except LabError as err:
+                state.failure = err
+                raise
+            self.results.add_kernel(state.arch, state.kernel)
+        return state.kernel
+
+    def bundle(self, arch_name: str) -> GuestBundle:
+        state = self.state(arch_name)
+        if state.bundle is None:
+            state.bundle = build_guest(state.arch, self.cache, self.progress)
+        return state.bundle
+
+    def timeouts(self, state: ArchState) -> Timeouts:
+        scale = TCG_SLOWDOWN if state.accel and state.accel.accel == "tcg" else 1.0
+        return Timeouts(
+            boot=self.options.boot_timeout * scale,
+            command=self.options.check_timeout * scale,
+            poweroff=10.0 * scale,
+        )
+
+    def accel(self, arch_name: str) -> AccelChoice:
+        """KVM or TCG for this arch, chosen once per run (see qemu.py)."""
+        state = self.state(arch_name)
+        if state.accel is None:
+            kernel = self.kernel(arch_name)
+            bundle = self.bundle(arch_name)
+            require_qemu(state.arch)
+            state.accel = choose_accel(self.options.accel, state.arch, kernel.image,
+                                       bundle.initramfs, self.cache, self.progress)
+            self.results.set_accel(state.arch, state.accel)
+        return state.accel
+
+    def guest(self, arch_name: str) -> BootedGuest:
+        """The running guest of an arch; boots one if there is none alive."""
+        state = self.state(arch_name)
+        if state.guest is not None and state.guest.alive:
+            return state.guest
+        if state.guest is not None:
+            state.guest.kill()
+            state.guest = None
+
+        self.accel(arch_name)
+        state.guest = self._boot(state, self.kernel(arch_name), self.bundle(arch_name))
+        return state.guest
+
+    def _boot(self, state: ArchState, kernel: KernelImage, bundle: GuestBundle) -> BootedGuest:
+        assert state.accel is not None
+        number = len(state.boots) + 1
+        console_log = self.results.boot_file(state.arch, "console.log", number)
+        if self.options.launcher == "vng" and state.arch.vng:
+            launch = vng.session_launch(state.arch, kernel.image, bundle, state.accel.accel)
+        else:
+            launch = vng.Launch(
+                qemu_argv(state.arch, kernel.image, bundle.initramfs, state.accel.accel),
+                program_dir="/bin",
+            )
+        self.results.boot_file(state.arch, "qemu.cmd", number).write_text(
+            shlex.join(launch.argv) + "\n")
+        guest = BootedGuest(launch.argv, console_log, launch.program_dir, self.timeouts(state),
+                            env=launch.env, startup=launch.startup)
+        self.progress.phase(f"boot {state.arch.name}: {kernel.release} under "
+                            f"{state.accel.accel.upper()} ({self.options.launcher}), boot {number}")
+        try:
+            seconds = guest.boot()
+        except LabError:
+            guest.kill()
+            raise
+        state.boots.append(seconds)
+        self.results.add_boot(state.arch, seconds, guest.release)
+        self.progress.phase(f"boot {state.arch.name}: up in {seconds:.1f} s")
+        return guest
+
+    def close(self) -> None:
+        """Power off every guest and write the run's summary."""
+        for state in self.states.values():
+            if state.guest is not None:
+                state.guest.poweroff()
+                state.guest = None
+        self.results.finish()
+

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install what kernel-lab needs on Debian 12: the host tools (QEMU, the
+# Linux 6.12 source, kernel build tools, the MIPS cross compiler) and the
+# Python package with its dependencies. Run as root (or with sudo).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES=(
+	# kernel source and build
+	linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev
+	cpio ccache lz4 xz-utils patch git kmod
+	# virtme-ng: its guest init needs udevd for the script I/O ports
+	udev
+	# machines: x86_64 and MIPS Malta, and MIPS cross tools
+	qemu-system-x86 qemu-system-mips gcc-mips-linux-gnu libc6-dev-mips-cross
+	# Python
+	python3 python3-pip python3-venv
+)
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+	SUDO=sudo
+fi
+
+echo "[setup] apt packages: ${APT_PACKAGES[*]}"
+$SUDO apt-get update -q
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${APT_PACKAGES[@]}"
+
+PYTHON=${PYTHON:-python3}
+if "$PYTHON" -c 'import sys, sysconfig, os; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then
+	# Debian's own Python refuses pip installs: use a venv in the checkout.
+	"$PYTHON" -m venv .venv
+	PYTHON=.venv/bin/python
+	echo "[setup] using a virtual environment: . .venv/bin/activate before running pytest"
+fi
+echo "[setup] pip install -e .[dev] with $PYTHON"
+"$PYTHON" -m pip install -q -e '.[dev]'
+
+echo "[setup] done: $("$PYTHON" -m pytest --version 2>&1 | head -1), $(qemu-system-x86_64 --version | head -1)"

@@ -1,0 +1,146 @@
+"""The expanded task_setscheduler hook, seen from a real guest.
+
+Each test runs once per arch (`-m x86_64`, `-m mips`) in the session's
+booted guest. The hook is observed by two witnesses: the test LSM's record
+of every call, and a kprobe on security_task_setscheduler. What the
+affinity syscall itself does in a cpuset differs by arch; the expected
+rule comes from the arch table (lab/arches.py).
+"""
+
+from __future__ import annotations
+
+from lab.arches import Arch
+from lab.checks import (
+    Cpuset,
+    KprobeWitness,
+    TestLsm,
+    cpulist_to_word,
+    require_expanded_hook,
+    run_program,
+)
+from lab.console import BootedGuest
+from lab.kbuild import KernelImage
+from lab.ktap import KtapReport
+
+
+def test_hook_sees_untruncated_mask_in_cpuset(
+    guest: BootedGuest, kernel: KernelImage, arch: Arch, ktap_reports: list[KtapReport]
+) -> None:
+    """cpuset.cpus=0, sched_setaffinity({0,1}): the call succeeds, the task
+    runs on {0} only, and the hook was given {0,1}, not the cut-down {0}."""
+    lsm = TestLsm(guest, kernel).require()
+    lsm.clear()
+
+    with Cpuset(guest, cpus="0") as cpuset:
+        run = run_program(
+            guest, "affinity", "--mask", "0-1",
+            "--expect-errno", arch.affinity.partial_errno,
+            "--expect-affinity", arch.affinity.partial_affinity,
+            "--expect-ran-on", "0",
+            cgroup=cpuset.path, reports=ktap_reports,
+        )
+
+    run.assert_ok()
+    # Joining the cpuset is checked by the hook too, without a mask.
+    calls = lsm.records(caller=run.pid)
+    assert [(c.target, c.mask) for c in calls] == [(run.pid, "none"), (run.pid, "0-1")], calls
+
+
+def test_mask_outside_cpuset_hook_still_sees_mask(
+    guest: BootedGuest, kernel: KernelImage, arch: Arch, ktap_reports: list[KtapReport]
+) -> None:
+    """cpuset.cpus=0, sched_setaffinity({1}): the arch's rule for a mask
+    with no CPU of the cpuset applies (EINVAL on the generic path), and the
+    hook still saw {1}."""
+    lsm = TestLsm(guest, kernel).require()
+    lsm.clear()
+
+    with Cpuset(guest, cpus="0") as cpuset:
+        run = run_program(
+            guest, "affinity", "--mask", "1",
+            "--expect-errno", arch.affinity.outside_errno,
+            "--expect-affinity", arch.affinity.outside_affinity,
+            cgroup=cpuset.path, reports=ktap_reports,
+        )
+
+    run.assert_ok()
+    calls = lsm.records(caller=run.pid)
+    assert [c.mask for c in calls] == ["none", "1"], calls
+
+
+def test_lsm_deny_rule_refuses_mask_and_keeps_affinity(
+    guest: BootedGuest, kernel: KernelImage, ktap_reports: list[KtapReport]
+) -> None:
+    """With the rule 'deny masks that contain CPU 1', sched_setaffinity({0,1})
+    fails with the LSM's EACCES and the affinity is unchanged."""
+    lsm = TestLsm(guest, kernel).require()
+    lsm.clear()
+    lsm.deny_cpus("1")
+    try:
+        run = run_program(
+            guest, "affinity", "--mask", "0-1",
+            "--expect-errno", "EACCES", "--expect-affinity", "unchanged",
+            reports=ktap_reports,
+        )
+    finally:
+        lsm.allow_all()
+
+    run.assert_ok()
+    calls = lsm.records(caller=run.pid)
+    assert [(c.mask, c.ret) for c in calls] == [("0-1", -13)], calls
+
+
+def test_same_call_succeeds_without_deny_rule(
+    guest: BootedGuest, kernel: KernelImage, ktap_reports: list[KtapReport]
+) -> None:
+    """The control of the deny test: no rule, sched_setaffinity({0,1})
+    succeeds and the test LSM allowed it."""
+    lsm = TestLsm(guest, kernel).require()
+    lsm.clear()
+
+    run = run_program(
+        guest, "affinity", "--mask", "0-1",
+        "--expect-errno", "0", "--expect-affinity", "0-1",
+        reports=ktap_reports,
+    )
+
+    run.assert_ok()
+    calls = lsm.records(caller=run.pid)
+    assert [(c.mask, c.ret) for c in calls] == [("0-1", 0)], calls
+
+
+def test_sched_setattr_reaches_hook_without_mask(
+    guest: BootedGuest, kernel: KernelImage, ktap_reports: list[KtapReport]
+) -> None:
+    """sched_setattr(SCHED_BATCH) goes through the hook with a NULL mask:
+    only affinity changes carry one."""
+    lsm = TestLsm(guest, kernel).require()
+    lsm.clear()
+
+    run = run_program(guest, "setattr", "--policy", "batch", "--expect-errno", "0",
+                      reports=ktap_reports)
+
+    run.assert_ok()
+    calls = lsm.records(caller=run.pid)
+    assert [(c.target, c.mask) for c in calls] == [(run.pid, "none")], calls
+
+
+def test_kprobe_witness_sees_requested_mask_word(
+    guest: BootedGuest, kernel: KernelImage, arch: Arch, ktap_reports: list[KtapReport]
+) -> None:
+    """Without the test LSM: a kprobe on security_task_setscheduler reads
+    the mask argument of the affinity call in a cpuset.cpus=0 cpuset, and
+    its first word is {0,1} (0x3), not the cpuset's {0} (0x1)."""
+    with KprobeWitness(guest, arch, kernel) as probe, Cpuset(guest, cpus="0") as cpuset:
+        run = run_program(guest, "affinity", "--mask", "0-1", cgroup=cpuset.path,
+                          reports=ktap_reports)
+        hits = probe.hits(pid=run.pid)
+
+    # Two calls: joining the cpuset (no mask), then the affinity change.
+    assert len(hits) == 2, f"expected two hook calls by pid {run.pid}, the probe saw {hits}"
+    require_expanded_hook(kernel)
+    attach, affinity = hits
+    assert attach.mask_ptr == 0, f"cpuset attach passed a mask: {attach}"
+    assert affinity.mask_ptr, "the hook was called with a NULL mask for an affinity change"
+    assert affinity.mask_word == cpulist_to_word("0-1"), (
+        f"mask word {affinity.mask_word:#x}, requested {cpulist_to_word('0-1'):#x}")
