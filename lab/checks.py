@@ -54,25 +54,37 @@ class ProgramRun:
         try:
             return self.ktap.diagnostics[key]
         except KeyError:
-            raise AssertionError(f"the program did not report {key!r}:\n{self.result.output}") from None
+            raise AssertionError(
+                f"the program did not report {key!r}:\n{self.result.output}"
+            ) from None
 
     def assert_ok(self) -> None:
         """Every KTAP test of the program passed."""
         problems = self.ktap.problems()
-        assert not problems, "guest program reported:\n  " + "\n  ".join(problems) + (
-            "\n--- output ---\n" + self.result.output)
+        assert not problems, (
+            "guest program reported:\n  "
+            + "\n  ".join(problems)
+            + ("\n--- output ---\n" + self.result.output)
+        )
 
 
-def run_program(guest: BootedGuest, program: str, *args: str, cgroup: str | None = None,
-                reports: list[KtapReport] | None = None) -> ProgramRun:
+def run_program(
+    guest: BootedGuest,
+    program: str,
+    *args: str,
+    cgroup: str | None = None,
+    reports: list[KtapReport] | None = None,
+) -> ProgramRun:
     """Run a guest program and parse its KTAP; a harness failure raises."""
     result = guest.run(program, *args, cgroup=cgroup)
     ktap = parse_ktap(result.output)
     if reports is not None:
         reports.append(ktap)
     if result.rc != 0:
-        raise GuestError(f"guest program {program} {' '.join(args)} failed to run "
-                         f"(rc={result.rc}):\n{result.output}")
+        raise GuestError(
+            f"guest program {program} {' '.join(args)} failed to run "
+            f"(rc={result.rc}):\n{result.output}"
+        )
     return ProgramRun(result, ktap)
 
 
@@ -93,8 +105,10 @@ class Cpuset:
         self.guest.write(f"{self.path}/cpuset.cpus", self.cpus)
         effective = self.guest.cat(f"{self.path}/cpuset.cpus.effective").strip()
         if effective != self.cpus:
-            raise GuestError(f"cpuset {self.path}: asked for cpus {self.cpus}, "
-                             f"effective {effective!r}")
+            raise GuestError(
+                f"cpuset {self.path}: asked for cpus {self.cpus}, "
+                f"effective {effective!r}"
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -125,8 +139,16 @@ def parse_records(text: str) -> list[HookRecord]:
     for line in text.splitlines():
         m = RECORD_RE.match(line.strip())
         if m:
-            records.append(HookRecord(int(m["seq"]), int(m["caller"]), int(m["target"]),
-                                      m["comm"], m["mask"], int(m["ret"])))
+            records.append(
+                HookRecord(
+                    int(m["seq"]),
+                    int(m["caller"]),
+                    int(m["target"]),
+                    m["comm"],
+                    m["mask"],
+                    int(m["ret"]),
+                )
+            )
     return records
 
 
@@ -146,7 +168,9 @@ class TestLsm:
         require_expanded_hook(self.kernel)
         lsms = self.guest.cat(f"{SECURITYFS}/lsm").strip()
         if "labtest" not in lsms.split(","):
-            raise AssertionError(f"the test LSM is not enabled in this kernel (lsm: {lsms})")
+            raise AssertionError(
+                f"the test LSM is not enabled in this kernel (lsm: {lsms})"
+            )
         return self
 
     def clear(self) -> None:
@@ -174,7 +198,8 @@ class KprobeHit:
 
 
 KPROBE_LINE_RE = re.compile(
-    r"^\s*(?P<comm>.+?)-(?P<pid>\d+)\s+\[\d+\].*?\s(?P<event>\w+): \((?P<where>[^)]*)\)(?P<args>.*)$"
+    r"^\s*(?P<comm>.+?)-(?P<pid>\d+)\s+\[\d+\].*?\s(?P<event>\w+): "
+    r"\((?P<where>[^)]*)\)(?P<args>.*)$"
 )
 
 
@@ -185,12 +210,14 @@ def parse_kprobe_trace(text: str, event: str) -> list[KprobeHit]:
         if not m or m["event"] != event:
             continue
         args = dict(kv.split("=", 1) for kv in m["args"].split() if "=" in kv)
-        hits.append(KprobeHit(
-            pid=int(m["pid"]),
-            comm=m["comm"].strip(),
-            mask_ptr=int(args["mask"], 16) if "mask" in args else None,
-            mask_word=int(args["word"], 16) if "word" in args else None,
-        ))
+        hits.append(
+            KprobeHit(
+                pid=int(m["pid"]),
+                comm=m["comm"].strip(),
+                mask_ptr=int(args["mask"], 16) if "mask" in args else None,
+                mask_word=int(args["word"], 16) if "word" in args else None,
+            )
+        )
     return hits
 
 
@@ -199,8 +226,14 @@ class KprobeWitness:
 
     group = "kernel_lab"
 
-    def __init__(self, guest: BootedGuest, arch: Arch, kernel: KernelImage,
-                 function: str = "security_task_setscheduler", event: str = "setsched") -> None:
+    def __init__(
+        self,
+        guest: BootedGuest,
+        arch: Arch,
+        kernel: KernelImage,
+        function: str = "security_task_setscheduler",
+        event: str = "setsched",
+    ) -> None:
         self.guest = guest
         self.arch = arch
         self.kernel = kernel
@@ -225,8 +258,12 @@ class KprobeWitness:
     def __exit__(self, *exc: object) -> None:
         if not self.guest.alive:
             return
-        self.guest.command("write", f"{TRACEFS}/events/{self.group}/{self.event}/enable", "0")
-        self.guest.command("append", f"{TRACEFS}/kprobe_events", f"-:{self.group}/{self.event}")
+        self.guest.command(
+            "write", f"{TRACEFS}/events/{self.group}/{self.event}/enable", "0"
+        )
+        self.guest.command(
+            "append", f"{TRACEFS}/kprobe_events", f"-:{self.group}/{self.event}"
+        )
 
     def hits(self, pid: int | None = None) -> list[KprobeHit]:
         hits = parse_kprobe_trace(self.guest.cat(f"{TRACEFS}/trace"), self.event)

@@ -1,8 +1,8 @@
 """`lab`: the lab from the shell.
 
-    lab doctor               what this host has and lacks, KVM or not
-    lab build --arch A       build (or find in the cache) the kernel
-    lab test [pytest args]   run the checks: pytest with the lab's tests
+lab doctor               what this host has and lacks, KVM or not
+lab build --arch A       build (or find in the cache) the kernel
+lab test [pytest args]   run the checks: pytest with the lab's tests
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from lab.arches import ARCHES, UnknownArch, get_arch
 from lab.cache import DEFAULT_CACHE, LabCache
 from lab.errors import LabError
-from lab.kbuild import DEFAULT_SERIES, DEFAULT_TARBALL, KernelSource, build_kernel
+from lab.kbuild import DEFAULT_TARBALL, KernelSource, build_kernel, resolve_source
 from lab.progress import Progress
 from lab.qemu import kvm_precondition
 
@@ -24,30 +24,35 @@ LAB_TESTS = Path(__file__).resolve().parent.parent / "tests"
 
 
 def _source_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kernel-tree", type=Path, default=DEFAULT_TARBALL,
-                        help="kernel source: git tree or tarball (default: %(default)s)")
-    parser.add_argument("--lab-series", default=None,
-                        help="patch series directory, or 'none' (default: patches/ "
-                             "for the default source)")
+    parser.add_argument(
+        "--kernel-tree",
+        type=Path,
+        default=DEFAULT_TARBALL,
+        help="kernel source: git tree or tarball (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--lab-series",
+        default=None,
+        help="patch series directory, or 'none' (default: patches/ "
+        "for the default source)",
+    )
     parser.add_argument("--lab-cache", type=Path, default=DEFAULT_CACHE)
 
 
 def _source(args: argparse.Namespace) -> KernelSource:
-    tree = args.kernel_tree.expanduser().resolve()
-    if args.lab_series is None:
-        series = DEFAULT_SERIES if tree == DEFAULT_TARBALL else None
-    elif args.lab_series == "none":
-        series = None
-    else:
-        series = Path(args.lab_series).expanduser().resolve()
-    return KernelSource(tree, series)
+    return resolve_source(args.kernel_tree, args.lab_series)
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     missing = 0
     print(f"host: {platform.machine()}, Python {platform.python_version()}")
-    tools = {"make": "make", "tar": "tar", "patch": "patch", "ccache": "ccache",
-             "vng": "virtme-ng (pip)"}
+    tools = {
+        "make": "make",
+        "tar": "tar",
+        "patch": "patch",
+        "ccache": "ccache",
+        "vng": "virtme-ng (pip)",
+    }
     for arch in ARCHES.values():
         tools[arch.qemu] = arch.packages[0]
         tools[arch.cc] = arch.packages[-1]
@@ -60,7 +65,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     missing += not source.exists()
     for arch in ARCHES.values():
         reason = kvm_precondition(arch)
-        print(f"kvm for {arch.name}: {reason or 'possible; a probe boot decides (--lab-accel auto)'}")
+        verdict = reason or "possible; a probe boot decides (--lab-accel auto)"
+        print(f"kvm for {arch.name}: {verdict}")
     cache = LabCache(args.lab_cache)
     free = shutil.disk_usage(cache.root).free / 1024**3
     print(f"cache: {cache.root} ({free:.0f} GB free)")
@@ -69,12 +75,46 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     arch = get_arch(args.arch)
-    image = build_kernel(arch, _source(args), LabCache(args.lab_cache), Progress(),
-                         jobs=args.jobs)
+    image = build_kernel(
+        arch, _source(args), LabCache(args.lab_cache), Progress(), jobs=args.jobs
+    )
     state = "cached" if image.cached else f"built in {image.build_seconds:.0f} s"
-    print(f"{image.image}\n  release {image.release}, {state}, "
-          f"hook {'expanded' if image.hook_expanded else 'not expanded'}")
+    print(
+        f"{image.image}\n  release {image.release}, {state}, "
+        f"hook {'expanded' if image.hook_expanded else 'not expanded'}"
+    )
     return 0
+
+
+def cmd_bisect(args: argparse.Namespace, rest: list[str]) -> int:
+    """One git bisect step: build the checked-out tree, run, map to 0/1/125."""
+    import pytest
+
+    from lab import bisect
+
+    results = args.lab_results.expanduser().resolve()
+    selection = f"{args.arch} and not vng"
+    argv = [
+        str(LAB_TESTS / "lab"),
+        "-m",
+        selection,
+        "--kernel-tree",
+        str(args.kernel_tree),
+        "--lab-cache",
+        str(args.lab_cache),
+        "--lab-results",
+        str(results),
+        "-p",
+        "no:cacheprovider",
+        *(["--lab-series", args.lab_series] if args.lab_series else []),
+        *rest,
+    ]
+    print(f"lab bisect: pytest {' '.join(argv)}", file=sys.stderr)
+    status = int(pytest.main(argv))
+    code, why = bisect.verdict(status, bisect.read_summary(results))
+    word = {0: "good", 1: "bad", 125: "skip"}[code]
+    print(f"lab bisect: {word} ({code}): {why}", file=sys.stderr)
+    return code
 
 
 def cmd_test(args: argparse.Namespace, rest: list[str]) -> int:
@@ -84,8 +124,11 @@ def cmd_test(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lab", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="lab",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     doctor = sub.add_parser("doctor", help="check this host's tools")
     doctor.add_argument("--lab-cache", type=Path, default=DEFAULT_CACHE)
@@ -94,19 +137,32 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--jobs", type=int, default=None)
     _source_args(build)
     sub.add_parser("test", help="run the lab's checks (pytest arguments follow)")
+    bis = sub.add_parser(
+        "bisect",
+        help="a git bisect run step: exit 0 good, 1 bad, 125 skip (pytest args follow)",
+    )
+    bis.add_argument("--arch", default="x86_64")
+    bis.add_argument(
+        "--lab-results", type=Path, default=DEFAULT_CACHE / "bisect-results"
+    )
+    _source_args(bis)
+    bis.set_defaults(kernel_tree=Path.cwd())
 
     args, rest = parser.parse_known_args(argv)
     try:
         if args.command == "doctor":
             return cmd_doctor(args)
-        if rest and args.command != "test":
+        if rest and args.command not in ("test", "bisect"):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         if args.command == "build":
             return cmd_build(args)
+        if args.command == "bisect":
+            return cmd_bisect(args, rest)
         return cmd_test(args, rest)
     except (LabError, UnknownArch) as err:
         print(f"lab: {err}", file=sys.stderr)
-        return 2
+        # In a bisect, a lab that cannot run must not mark the commit bad.
+        return 125 if args.command == "bisect" else 2
     except KeyboardInterrupt:
         print("lab: interrupted", file=sys.stderr)
         return 130

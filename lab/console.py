@@ -115,8 +115,10 @@ class BootedGuest:
                 self.child.sendline(f"{self._take_id()} poweroff")
                 self.child.expect(pexpect.EOF, timeout=self.timeouts.poweroff)
             except (pexpect.TIMEOUT, OSError):
-                log.warning("power off: guest did not stop in %.0f s; killing QEMU",
-                            self.timeouts.poweroff)
+                log.warning(
+                    "power off: guest did not stop in %.0f s; killing QEMU",
+                    self.timeouts.poweroff,
+                )
         self.kill()
 
     def kill(self) -> None:
@@ -133,25 +135,38 @@ class BootedGuest:
     def exit_status(self) -> int | None:
         if self.child is None or self.child.isalive():
             return None
-        return self.child.exitstatus if self.child.exitstatus is not None else self.child.signalstatus
+        return (
+            self.child.exitstatus
+            if self.child.exitstatus is not None
+            else self.child.signalstatus
+        )
 
     # -- commands ------------------------------------------------------
 
     def program(self, name: str) -> str:
         return f"{self.program_dir}/{name}"
 
-    def command(self, verb: str, *args: str, timeout: float | None = None) -> CommandResult:
+    def command(
+        self, verb: str, *args: str, timeout: float | None = None
+    ) -> CommandResult:
         """Send one lab-init command and wait for its end marker."""
         if not self.alive:
-            raise GuestError(f"guest is not running ({self.crashed or 'QEMU exited'})",
-                             self.console_log, tail_of(self.console_log))
+            raise GuestError(
+                f"guest is not running ({self.crashed or 'QEMU exited'})",
+                self.console_log,
+                tail_of(self.console_log),
+            )
         assert self.child is not None
         command_id = self._take_id()
         text = " ".join((verb, *args))
         started = time.monotonic()
         self.child.sendline(f"{command_id} {text}")
-        self._expect([patterns.end_of(command_id)], timeout or self.timeouts.command,
-                      f"command {text!r}", GuestError)
+        self._expect(
+            [patterns.end_of(command_id)],
+            timeout or self.timeouts.command,
+            f"command {text!r}",
+            GuestError,
+        )
         assert self.child.match is not None
         # Two ttys (the guest's and pexpect's pty) each turn \n into \r\n.
         raw = CRLF_RE.sub("\n", self.child.before.decode(errors="replace"))
@@ -166,35 +181,49 @@ class BootedGuest:
         self.warnings.extend(result.warnings)
         return result
 
-    def run(self, program: str, *args: str, cgroup: str | None = None,
-            timeout: float | None = None) -> CommandResult:
+    def run(
+        self,
+        program: str,
+        *args: str,
+        cgroup: str | None = None,
+        timeout: float | None = None,
+    ) -> CommandResult:
         """Run a guest program (by name), optionally inside a cgroup."""
         if cgroup:
-            return self.command("runcg", cgroup, self.program(program), *args, timeout=timeout)
+            return self.command(
+                "runcg", cgroup, self.program(program), *args, timeout=timeout
+            )
         return self.command("run", self.program(program), *args, timeout=timeout)
 
     def cat(self, path: str) -> str:
         result = self.command("cat", path)
         if result.rc != 0:
-            raise GuestError(f"cannot read {path} in the guest: {result.output.strip()}")
+            raise GuestError(
+                f"cannot read {path} in the guest: {result.output.strip()}"
+            )
         return result.output
 
     def write(self, path: str, text: str = "") -> None:
         result = self.command("write", path, *([text] if text else []))
         if result.rc != 0:
-            raise GuestError(f"cannot write {text!r} to {path} in the guest: "
-                             f"{result.output.strip()}")
+            raise GuestError(
+                f"cannot write {text!r} to {path} in the guest: {result.output.strip()}"
+            )
 
     def append(self, path: str, text: str) -> None:
         result = self.command("append", path, text)
         if result.rc != 0:
-            raise GuestError(f"cannot append {text!r} to {path} in the guest: "
-                             f"{result.output.strip()}")
+            raise GuestError(
+                f"cannot append {text!r} to {path} in the guest: "
+                f"{result.output.strip()}"
+            )
 
     def mkdir(self, path: str) -> None:
         result = self.command("mkdir", path)
         if result.rc != 0 and "File exists" not in result.output:
-            raise GuestError(f"cannot mkdir {path} in the guest: {result.output.strip()}")
+            raise GuestError(
+                f"cannot mkdir {path} in the guest: {result.output.strip()}"
+            )
 
     def rmdir(self, path: str) -> None:
         self.command("rmdir", path)
@@ -206,12 +235,18 @@ class BootedGuest:
         self._next_id += 1
         return command_id
 
-    def _expect(self, wanted: list[bytes], timeout: float, what: str,
-                error: type[LabError]) -> int:
+    def _expect(
+        self, wanted: list[bytes], timeout: float, what: str, error: type[LabError]
+    ) -> int:
         """Wait for one of wanted; a crash, QEMU's exit or the timeout raise."""
         assert self.child is not None
         crash_names = list(patterns.CRASHES)
-        pattern_list = [*wanted, *patterns.CRASHES.values(), pexpect.EOF, pexpect.TIMEOUT]
+        pattern_list = [
+            *wanted,
+            *patterns.CRASHES.values(),
+            pexpect.EOF,
+            pexpect.TIMEOUT,
+        ]
         index = self.child.expect(pattern_list, timeout=timeout)
         if index < len(wanted):
             return index
@@ -222,19 +257,34 @@ class BootedGuest:
             self._drain(CRASH_TRACE_SECONDS)
             self.crashed = f"{kind}: {line}"
             self.kill()
-            raise error(f"{kind} during {what}: {line}", self.console_log,
-                        tail_of(self.console_log, 40))
+            raise error(
+                f"{kind} during {what}: {line}",
+                self.console_log,
+                tail_of(self.console_log, 40),
+                kernel_fault=True,
+            )
         if index == len(pattern_list) - 2:
             self.child.close()
             status = self.exit_status
             self.crashed = f"QEMU exited with status {status}"
             self.kill()
-            raise error(f"QEMU exited (status {status}) during {what}", self.console_log,
-                        tail_of(self.console_log, 40))
+            # With -no-reboot, a guest that resets (a triple fault) makes
+            # QEMU exit 0: the kernel's fault. Any other status is QEMU's.
+            how = "the guest reset or powered off" if status == 0 else "QEMU failed"
+            raise error(
+                f"QEMU exited (status {status}: {how}) during {what}",
+                self.console_log,
+                tail_of(self.console_log, 40),
+                kernel_fault=status == 0,
+            )
         self.crashed = f"no answer within {timeout:.0f} s"
         self.kill()
-        raise error(f"guest hang: no answer within {timeout:.0f} s during {what}",
-                    self.console_log, tail_of(self.console_log, 40))
+        raise error(
+            f"guest hang: no answer within {timeout:.0f} s during {what}",
+            self.console_log,
+            tail_of(self.console_log, 40),
+            kernel_fault=True,
+        )
 
     def _drain(self, seconds: float) -> None:
         """Read what the console still prints for a while (a crash trace)."""

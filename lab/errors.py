@@ -14,11 +14,21 @@ class LabError(Exception):
 
     phase = "lab"
 
-    def __init__(self, message: str, log: Path | None = None, tail: str = "") -> None:
+    def __init__(
+        self,
+        message: str,
+        log: Path | None = None,
+        tail: str = "",
+        kernel_fault: bool = False,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.log = log
         self.tail = tail
+        # True when the kernel under test caused it (panic, oops, hang, a
+        # guest that reset), False when the host or the lab did (a missing
+        # tool, QEMU's own error, a tree that does not build).
+        self.kernel_fault = kernel_fault
 
     def __str__(self) -> str:
         text = f"[{self.phase}] {self.message}"

@@ -54,7 +54,9 @@ def guest_programs() -> list[Path]:
 
 def guest_key(arch: Arch) -> str:
     digest = hashlib.sha256()
-    digest.update(f"{GUEST_FORMAT} {arch.name} {' '.join(CFLAGS + arch.guest_cflags)}".encode())
+    digest.update(
+        f"{GUEST_FORMAT} {arch.name} {' '.join(CFLAGS + arch.guest_cflags)}".encode()
+    )
     digest.update(compiler_version(arch.guest_cc).encode())
     for src in sorted(GUEST_SRC.glob("*.[ch]")):
         digest.update(src.name.encode() + b"\0" + src.read_bytes())
@@ -78,7 +80,9 @@ def build_guest(arch: Arch, cache: LabCache, progress: Progress) -> GuestBundle:
                 _compile_all(arch, scratch / "bin")
                 _write_initramfs(scratch / "bin", scratch / "initramfs.cpio.gz")
                 programs = sorted(p.name for p in (scratch / "bin").iterdir())
-                (scratch / "manifest.json").write_text(json.dumps({"programs": programs}))
+                (scratch / "manifest.json").write_text(
+                    json.dumps({"programs": programs})
+                )
                 if entry.exists():
                     shutil.rmtree(entry)
                 os.rename(scratch, entry)
@@ -90,11 +94,20 @@ def build_guest(arch: Arch, cache: LabCache, progress: Progress) -> GuestBundle:
 def _compile_all(arch: Arch, out: Path) -> None:
     out.mkdir(parents=True)
     for src in guest_programs():
-        argv = [arch.guest_cc, *CFLAGS, *arch.guest_cflags, "-o", str(out / src.stem), str(src)]
+        argv = [
+            arch.guest_cc,
+            *CFLAGS,
+            *arch.guest_cflags,
+            "-o",
+            str(out / src.stem),
+            str(src),
+        ]
         log.info("pack %s: %s", arch.name, shlex.join(argv))
         proc = subprocess.run(argv, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise BuildError(f"guest program {src.name} did not compile", None, proc.stderr)
+            raise BuildError(
+                f"guest program {src.name} did not compile", None, proc.stderr
+            )
 
 
 class CpioWriter:
@@ -104,9 +117,23 @@ class CpioWriter:
         self.buf = io.BytesIO()
         self.ino = 1
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         fields = [
-            self.ino, mode, 0, 0, 1, 0, len(data), 0, 0, rdev[0], rdev[1], len(name) + 1, 0,
+            self.ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            len(data),
+            0,
+            0,
+            rdev[0],
+            rdev[1],
+            len(name) + 1,
+            0,
         ]
         self.ino += 1
         header = "070701" + "".join(f"{v:08x}" for v in fields)

@@ -33,6 +33,7 @@ KCONFIG_DIR = LAB_ROOT / "kconfigs"
 DEFAULT_SERIES = LAB_ROOT / "patches"
 DEFAULT_TARBALL = Path("/usr/src/linux-source-6.12.tar.xz")
 TEST_LSM_FRAGMENT = "test-lsm"
+TEST_LSM_SERIES = "series.test-lsm"
 # Bump when the way a build is made changes, so old entries are not reused.
 BUILD_FORMAT = 1
 # A tight build needs about 2.5 GB while it runs; refuse early below this.
@@ -42,24 +43,31 @@ HOOK_RE = re.compile(r"LSM_HOOK\(\s*int\s*,\s*0\s*,\s*task_setscheduler\s*,([^)]
 
 @dataclass(frozen=True)
 class KernelSource:
-    """Where a kernel comes from: a source tarball or a tree, plus a series."""
+    """Where a kernel comes from: a source tarball or a tree, plus a series.
+
+    `series_file` names the list of patches to apply from the series
+    directory: `series` for the whole series, `series.test-lsm` for a
+    user's tree, which only gets the lab's test LSM on top.
+    """
 
     path: Path
     series: Path | None
+    series_file: str = "series"
 
     @property
     def is_tarball(self) -> bool:
         return self.path.is_file()
 
     def describe(self) -> str:
-        series = self.series.name if self.series else "none"
-        return f"{self.path} + series {series}"
+        if self.series is None:
+            return f"{self.path} (no patches)"
+        return f"{self.path} + {self.series / self.series_file}"
 
-    def patches(self) -> list[Path]:
-        """The series in the order it applies: `series` file, else by name."""
+    def patches(self, series_file: str | None = None) -> list[Path]:
+        """The series in the order it applies: its list file, else by name."""
         if self.series is None:
             return []
-        order = self.series / "series"
+        order = self.series / (series_file or self.series_file)
         if order.is_file():
             names = [
                 line.strip()
@@ -67,7 +75,13 @@ class KernelSource:
                 if line.strip() and not line.startswith("#")
             ]
             return [self.series / name for name in names]
+        if series_file is not None:
+            return []
         return sorted(self.series.glob("*.patch"))
+
+    def test_lsm_patches(self) -> set[str]:
+        """Names of the patches that add the test LSM (series.test-lsm)."""
+        return {p.name for p in self.patches(TEST_LSM_SERIES)}
 
     def check(self) -> None:
         """Refuse a source that cannot be built, before any work is done."""
@@ -84,6 +98,22 @@ class KernelSource:
             for patch in self.patches():
                 if not patch.is_file():
                     raise BuildError(f"patch {patch} listed in the series is missing")
+
+
+def resolve_source(tree: Path, series: str | None) -> KernelSource:
+    """The source the user asked for: --kernel-tree and --lab-series.
+
+    The default source gets the whole series; a tree of the user's gets
+    only the test LSM; `none` gets nothing; a path gets that series.
+    """
+    tree = tree.expanduser().resolve()
+    if series == "none":
+        return KernelSource(tree, None)
+    if series is not None:
+        return KernelSource(tree, Path(series).expanduser().resolve())
+    if tree == DEFAULT_TARBALL:
+        return KernelSource(tree, DEFAULT_SERIES)
+    return KernelSource(tree, DEFAULT_SERIES, TEST_LSM_SERIES)
 
 
 @dataclass(frozen=True)
@@ -120,7 +150,9 @@ def compiler_version(cc: str) -> str:
     """First line of `cc --version`, or ToolMissing naming the package."""
     if shutil.which(cc) is None:
         package = "gcc" if cc == "gcc" else f"gcc-{cc.removesuffix('-gcc')}"
-        raise ToolMissing(f"compiler {cc} not found; install it: apt-get install {package}")
+        raise ToolMissing(
+            f"compiler {cc} not found; install it: apt-get install {package}"
+        )
     out = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True)
     return out.stdout.splitlines()[0]
 
@@ -242,7 +274,9 @@ class KernelBuild:
         return self.staged
 
     def _write_header(self) -> None:
-        self.log_file.write(f"# kernel-lab build {self.arch.name} key {self.key.digest}\n")
+        self.log_file.write(
+            f"# kernel-lab build {self.arch.name} key {self.key.digest}\n"
+        )
         for name, value in self.key.inputs.items():
             self.log_file.write(f"# {name}: {value}\n")
         self.log_file.flush()
@@ -314,7 +348,9 @@ class KernelBuild:
             ["git", "-C", str(self.source.path), "archive", "--format=tar", "HEAD"],
             stdout=subprocess.PIPE,
         )
-        untar = subprocess.run(["tar", "-xf", "-", "-C", str(self.tree)], stdin=archive.stdout)
+        untar = subprocess.run(
+            ["tar", "-xf", "-", "-C", str(self.tree)], stdin=archive.stdout
+        )
         archive.wait()
         if archive.returncode or untar.returncode:
             raise BuildError(f"could not export {self.source.path} with git archive")
@@ -322,10 +358,15 @@ class KernelBuild:
         if diff:
             patch = self.scratch / "uncommitted.diff"
             patch.write_text(diff)
-            self._step("applying the tree's uncommitted changes", ["git", "apply", str(patch)])
+            self._step(
+                "applying the tree's uncommitted changes", ["git", "apply", str(patch)]
+            )
 
     def _apply_series(self) -> None:
+        test_lsm = self.source.test_lsm_patches()
         for patch in self.source.patches():
+            if patch.name in test_lsm and not self._test_lsm_fits(patch):
+                continue
             self.progress.phase(f"build {self.arch.name}: applying {patch.name}")
             argv = ["patch", "-p1", "--forward", "--batch", "-i", str(patch)]
             try:
@@ -337,11 +378,43 @@ class KernelBuild:
                 )
                 raise
 
+    def _test_lsm_fits(self, patch: Path) -> bool:
+        """Whether the test LSM goes on this tree: it needs the expanded
+        hook, and a tree that has it already (a bisect of the series)
+        keeps its own."""
+        if (self.tree / "security/labtest").is_dir():
+            self._note(
+                f"{patch.name}: the tree has security/labtest already; not applied"
+            )
+            return False
+        if not hook_is_expanded(self.tree):
+            self._note(
+                f"{patch.name}: hook not expanded in this tree; the test LSM "
+                "cannot build there and is left out"
+            )
+            return False
+        return True
+
+    def _note(self, text: str) -> None:
+        self.progress.phase(f"build {self.arch.name}: {text}")
+        self.log_file.write(f"# {text}\n")
+        self.log_file.flush()
+
     def _configure(self, test_lsm: bool) -> None:
-        self.progress.phase(f"build {self.arch.name}: configuring ({self.arch.config_target})")
+        self.progress.phase(
+            f"build {self.arch.name}: configuring ({self.arch.config_target})"
+        )
         fragments = fragments_for(self.arch, test_lsm)
-        self._step("make " + self.arch.config_target, ["make", *self._make_vars(), self.arch.config_target])
-        merge = ["scripts/kconfig/merge_config.sh", "-m", ".config", *map(str, fragments)]
+        self._step(
+            "make " + self.arch.config_target,
+            ["make", *self._make_vars(), self.arch.config_target],
+        )
+        merge = [
+            "scripts/kconfig/merge_config.sh",
+            "-m",
+            ".config",
+            *map(str, fragments),
+        ]
         self._step("merging the kconfig fragments", merge)
         self._step("make olddefconfig", ["make", *self._make_vars(), "olddefconfig"])
         problems = config_mismatches(self.tree / ".config", wanted_symbols(fragments))
@@ -381,10 +454,13 @@ class KernelBuild:
                 if line.startswith("  CC ") or line.startswith("  AS "):
                     objects += 1
                 elapsed = time.monotonic() - started
-                self.progress.tick(f"build {self.arch.name}: {objects} objects compiled", elapsed)
+                self.progress.tick(
+                    f"build {self.arch.name}: {objects} objects compiled", elapsed
+                )
                 if elapsed > self.timeout:
                     raise BuildError(
-                        f"build timed out after {self.timeout:.0f} s (--lab-build-timeout)",
+                        f"build timed out after {self.timeout:.0f} s "
+                        "(--lab-build-timeout)",
                         self.log_path,
                     )
             proc.wait()
@@ -440,9 +516,13 @@ def _error_tail(log_path: Path) -> str:
 
 
 def _git(tree: Path, *args: str) -> str:
-    proc = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["git", "-C", str(tree), *args], capture_output=True, text=True
+    )
     if proc.returncode != 0:
-        raise BuildError(f"git {' '.join(args)} in {tree} failed: {proc.stderr.strip()}")
+        raise BuildError(
+            f"git {' '.join(args)} in {tree} failed: {proc.stderr.strip()}"
+        )
     return proc.stdout
 
 
@@ -494,7 +574,9 @@ def build_kernel(
                 shutil.rmtree(entry)
 
         cache.check_free_space(MIN_FREE_BYTES)
-        build = KernelBuild(arch, source, key, cache, progress, jobs or os.cpu_count() or 2, timeout)
+        build = KernelBuild(
+            arch, source, key, cache, progress, jobs or os.cpu_count() or 2, timeout
+        )
         try:
             staged = build.run()
             os.rename(staged, entry)
@@ -505,7 +587,9 @@ def build_kernel(
             shutil.rmtree(build.scratch, ignore_errors=True)
 
     image = load_entry(entry, cached=False)
-    log.info("build %s: built %s in %.0f s", arch.name, image.release, image.build_seconds)
+    log.info(
+        "build %s: built %s in %.0f s", arch.name, image.release, image.build_seconds
+    )
     return image
 
 

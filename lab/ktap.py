@@ -11,7 +11,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-RESULT_RE = re.compile(r"^(?P<ok>ok|not ok) (?P<num>\d+) (?P<name>[^#]*?)\s*(?:#\s*(?P<dir>.*))?$")
+RESULT_RE = re.compile(
+    r"^(?P<ok>ok|not ok) (?P<num>\d+) (?P<name>[^#]*?)\s*(?:#\s*(?P<dir>.*))?$"
+)
 PLAN_RE = re.compile(r"^1\.\.(?P<n>\d+)$")
 DIAG_RE = re.compile(r"^# (?P<key>[A-Za-z0-9_]+): ?(?P<value>.*)$")
 
@@ -29,7 +31,11 @@ class KtapResult:
 
     @property
     def reason(self) -> str:
-        return self.directive.split(None, 1)[1] if self.skipped and " " in self.directive else self.directive
+        return (
+            self.directive.split(None, 1)[1]
+            if self.skipped and " " in self.directive
+            else self.directive
+        )
 
 
 @dataclass
@@ -71,7 +77,12 @@ def parse_ktap(text: str) -> KtapReport:
             report.planned = int(m["n"])
         elif m := RESULT_RE.match(line):
             report.results.append(
-                KtapResult(int(m["num"]), m["name"].strip(), m["ok"] == "ok", (m["dir"] or "").strip())
+                KtapResult(
+                    int(m["num"]),
+                    m["name"].strip(),
+                    m["ok"] == "ok",
+                    (m["dir"] or "").strip(),
+                )
             )
         elif m := DIAG_RE.match(line):
             report.diagnostics[m["key"]] = m["value"].strip()

@@ -26,7 +26,8 @@ def begin_of(command_id: int) -> bytes:
 CRASHES: dict[str, bytes] = {
     "kernel panic": rb"Kernel panic - not syncing:[^\r\n]*",
     "init died": rb"Attempted to kill init![^\r\n]*",
-    "oops": rb"(?:Oops(?:: [^\r\n]*)?|BUG: [^\r\n]*|general protection fault[^\r\n]*|Unable to handle kernel [^\r\n]*)",
+    "oops": rb"(?:Oops(?:: [^\r\n]*)?|BUG: [^\r\n]*|general protection fault[^\r\n]*"
+    rb"|Unable to handle kernel [^\r\n]*)",
     "soft lockup": rb"watchdog: BUG: soft lockup[^\r\n]*",
     "rcu stall": rb"rcu: INFO: rcu_[a-z]+ (?:self-)?detected stalls[^\r\n]*",
 }

@@ -17,7 +17,7 @@ import pytest
 from lab.arches import ARCHES, Arch, get_arch
 from lab.console import CRLF_RE, BootedGuest
 from lab.errors import LabError
-from lab.kbuild import DEFAULT_SERIES, DEFAULT_TARBALL, KernelImage
+from lab.kbuild import DEFAULT_SERIES, DEFAULT_TARBALL, KernelImage, resolve_source
 from lab.ktap import KtapReport
 from lab.progress import Progress
 from lab.qemu import ACCELS
@@ -31,49 +31,86 @@ WARN_START_KEY = pytest.StashKey[int]()
 CONSOLE_START_KEY = pytest.StashKey[tuple[Path, int]]()
 KTAP_KEY = pytest.StashKey[list[KtapReport]]()
 OUTCOME_KEY = pytest.StashKey[dict[str, Any]]()
+LAB_ERROR_KEY = pytest.StashKey[LabError]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("kernel-lab", "kernel-lab: build, boot and test kernels")
-    group.addoption("--kernel-tree", metavar="PATH", default=str(DEFAULT_TARBALL),
-                    help="kernel source: a git tree, or a source tarball "
-                         "(default: %(default)s)")
-    group.addoption("--lab-series", metavar="PATH|none", default=None,
-                    help="patch series applied to the source; 'none' builds it "
-                         f"as it is (default: {DEFAULT_SERIES} for the default source)")
-    group.addoption("--lab-accel", choices=ACCELS, default="auto",
-                    help="accelerator: auto probes KVM and falls back to TCG (default: auto)")
-    group.addoption("--lab-launcher", choices=LAUNCHERS, default="qemu",
-                    help="boot with plain QEMU and the lab's initramfs, or with "
-                         "virtme-ng where it supports the arch (default: qemu)")
-    group.addoption("--lab-cache", metavar="DIR", default="~/.cache/kernel-lab",
-                    help="build cache (default: %(default)s)")
-    group.addoption("--lab-results", metavar="DIR", default="results",
-                    help="where results/<run-id>/ goes (default: %(default)s)")
-    group.addoption("--lab-jobs", metavar="N", type=int, default=None,
-                    help="parallel make jobs (default: number of CPUs)")
-    group.addoption("--lab-build-timeout", metavar="S", type=float, default=3600.0,
-                    help="seconds a kernel build may take (default: %(default)s)")
-    group.addoption("--lab-boot-timeout", metavar="S", type=float, default=60.0,
-                    help="seconds to reach the lab's init, x3 under TCG (default: %(default)s)")
-    group.addoption("--lab-check-timeout", metavar="S", type=float, default=30.0,
-                    help="seconds one guest command may take, x3 under TCG "
-                         "(default: %(default)s)")
+    group.addoption(
+        "--kernel-tree",
+        metavar="PATH",
+        default=str(DEFAULT_TARBALL),
+        help="kernel source: a git tree, or a source tarball (default: %(default)s)",
+    )
+    group.addoption(
+        "--lab-series",
+        metavar="PATH|none",
+        default=None,
+        help="patch series applied to the source; 'none' builds it as it "
+        f"is (default: {DEFAULT_SERIES} on the default source, only "
+        "the test LSM on a tree of yours)",
+    )
+    group.addoption(
+        "--lab-accel",
+        choices=ACCELS,
+        default="auto",
+        help="accelerator: auto probes KVM and falls back to TCG (default: auto)",
+    )
+    group.addoption(
+        "--lab-launcher",
+        choices=LAUNCHERS,
+        default="qemu",
+        help="boot with plain QEMU and the lab's initramfs, or with "
+        "virtme-ng where it supports the arch (default: qemu)",
+    )
+    group.addoption(
+        "--lab-cache",
+        metavar="DIR",
+        default="~/.cache/kernel-lab",
+        help="build cache (default: %(default)s)",
+    )
+    group.addoption(
+        "--lab-results",
+        metavar="DIR",
+        default="results",
+        help="where results/<run-id>/ goes (default: %(default)s)",
+    )
+    group.addoption(
+        "--lab-jobs",
+        metavar="N",
+        type=int,
+        default=None,
+        help="parallel make jobs (default: number of CPUs)",
+    )
+    group.addoption(
+        "--lab-build-timeout",
+        metavar="S",
+        type=float,
+        default=3600.0,
+        help="seconds a kernel build may take (default: %(default)s)",
+    )
+    group.addoption(
+        "--lab-boot-timeout",
+        metavar="S",
+        type=float,
+        default=60.0,
+        help="seconds to reach the lab's init, x3 under TCG (default: %(default)s)",
+    )
+    group.addoption(
+        "--lab-check-timeout",
+        metavar="S",
+        type=float,
+        default=30.0,
+        help="seconds one guest command may take, x3 under TCG (default: %(default)s)",
+    )
 
 
 def options_from(config: pytest.Config) -> LabOptions:
-    tree = Path(config.getoption("--kernel-tree")).expanduser()
-    series_opt = config.getoption("--lab-series")
-    series: Path | None
-    if series_opt is None:
-        series = DEFAULT_SERIES if tree == DEFAULT_TARBALL else None
-    elif series_opt == "none":
-        series = None
-    else:
-        series = Path(series_opt).expanduser().resolve()
+    source = resolve_source(
+        Path(config.getoption("--kernel-tree")), config.getoption("--lab-series")
+    )
     return LabOptions(
-        kernel_tree=tree,
-        series=series,
+        source=source,
         accel=config.getoption("--lab-accel"),
         launcher=config.getoption("--lab-launcher"),
         cache=Path(config.getoption("--lab-cache")),
@@ -89,7 +126,9 @@ def pytest_configure(config: pytest.Config) -> None:
     for name in ARCHES:
         config.addinivalue_line("markers", f"{name}: checks that boot a {name} guest")
     config.addinivalue_line("markers", "lab: tests that build and boot a kernel")
-    config.addinivalue_line("markers", "arches(*names): limit a lab test to these arches")
+    config.addinivalue_line(
+        "markers", "arches(*names): limit a lab test to these arches"
+    )
     config.addinivalue_line("markers", "vng: tests of the virtme-ng launcher")
     config.stash[OPTIONS_KEY] = options_from(config)
 
@@ -156,37 +195,47 @@ def ktap_reports(request: pytest.FixtureRequest) -> list[KtapReport]:
 
 
 @pytest.fixture
-def guest(request: pytest.FixtureRequest, lab_run: LabRun, lab_arch: str) -> Iterator[BootedGuest]:
+def guest(
+    request: pytest.FixtureRequest, lab_run: LabRun, lab_arch: str
+) -> Iterator[BootedGuest]:
     """The booted guest of this arch; a crashed one is replaced first."""
     booted = lab_run.guest(lab_arch)
     request.node.stash[GUEST_KEY] = booted
     request.node.stash[WARN_START_KEY] = len(booted.warnings)
-    request.node.stash[CONSOLE_START_KEY] = (booted.console_log, booted.console_log.stat().st_size)
+    request.node.stash[CONSOLE_START_KEY] = (
+        booted.console_log,
+        booted.console_log.stat().st_size,
+    )
     yield booted
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     run = session.config.stash.get(RUN_KEY, None)
     if run is not None:
-        run.close()
+        # Interrupted: end QEMU at once rather than ask the guest politely.
+        run.close(kill=exitstatus == pytest.ExitCode.INTERRUPTED)
         reporter = session.config.pluginmanager.getplugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"[lab] results: {run.results.dir}")
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Iterator[None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
 
     # A lab failure explains itself: show its message, not a traceback.
     if call.excinfo is not None and isinstance(call.excinfo.value, LabError):
-        report.longrepr = str(call.excinfo.value)
+        err = call.excinfo.value
+        report.longrepr = str(err)
+        item.stash[LAB_ERROR_KEY] = err
 
     # A kernel WARNING during the check fails the check that caused it.
     booted = item.stash.get(GUEST_KEY, None)
     if report.when == "call" and booted is not None and report.passed:
-        new = booted.warnings[item.stash[WARN_START_KEY]:]
+        new = booted.warnings[item.stash[WARN_START_KEY] :]
         if new:
             report.outcome = "failed"
             report.longrepr = "kernel WARNING during this check:\n  " + "\n  ".join(new)
@@ -199,13 +248,16 @@ def _record(item: pytest.Item, report: pytest.TestReport) -> None:
     callspec = getattr(item, "callspec", None)
     if callspec is None or "lab_arch" not in callspec.params:
         return
-    state = item.stash.setdefault(OUTCOME_KEY, {"outcome": "passed", "seconds": 0.0,
-                                                "message": "", "details": ""})
+    state = item.stash.setdefault(
+        OUTCOME_KEY, {"outcome": "passed", "seconds": 0.0, "message": "", "details": ""}
+    )
     state["seconds"] += report.duration
     if report.failed and state["outcome"] == "passed":
         state["outcome"] = "failed" if report.when == "call" else "error"
         state["details"] = str(report.longrepr)
-        state["message"] = state["details"].strip().splitlines()[-1][:300] if state["details"] else ""
+        state["message"] = (
+            state["details"].strip().splitlines()[-1][:300] if state["details"] else ""
+        )
     elif report.skipped and state["outcome"] == "passed":
         state["outcome"] = "skipped"
         longrepr = report.longrepr
@@ -216,16 +268,21 @@ def _record(item: pytest.Item, report: pytest.TestReport) -> None:
     run = item.config.stash.get(RUN_KEY, None)
     if run is None:
         return
-    run.results.add_check(CheckOutcome(
-        name=item.name,
-        arch=callspec.params["lab_arch"],
-        outcome=state["outcome"],
-        seconds=state["seconds"],
-        message=state["message"],
-        details=state["details"],
-        console=_console_slice(item),
-        ktap=item.stash.get(KTAP_KEY, []),
-    ))
+    lab_error = item.stash.get(LAB_ERROR_KEY, None)
+    run.results.add_check(
+        CheckOutcome(
+            phase=lab_error.phase if lab_error else "",
+            kernel_fault=lab_error.kernel_fault if lab_error else False,
+            name=item.name,
+            arch=callspec.params["lab_arch"],
+            outcome=state["outcome"],
+            seconds=state["seconds"],
+            message=state["message"],
+            details=state["details"],
+            console=_console_slice(item),
+            ktap=item.stash.get(KTAP_KEY, []),
+        )
+    )
 
 
 def _console_slice(item: pytest.Item) -> str:
@@ -239,4 +296,3 @@ def _console_slice(item: pytest.Item) -> str:
             return CRLF_RE.sub("\n", f.read(256 * 1024).decode(errors="replace"))
     except OSError:
         return ""
-

@@ -31,7 +31,9 @@ class Progress:
     ) -> None:
         self.write = write
         self.tty = sys.stderr.isatty() if tty is None else tty
-        self.interval = interval if interval is not None else (1.0 if self.tty else 30.0)
+        self.interval = (
+            interval if interval is not None else (1.0 if self.tty else 30.0)
+        )
         self._last_tick = 0.0
         self._open_line = False
 

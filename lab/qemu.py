@@ -52,21 +52,32 @@ def qemu_argv(
     cpu = arch.cpu_kvm if accel == "kvm" and arch.cpu_kvm else arch.cpu_tcg
     return [
         arch.qemu,
-        "-M", arch.machine,
-        "-accel", accel,
-        "-cpu", cpu,
-        "-smp", str(arch.smp),
-        "-m", str(arch.memory_mb),
+        "-M",
+        arch.machine,
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-smp",
+        str(arch.smp),
+        "-m",
+        str(arch.memory_mb),
         "-nodefaults",
         "-no-user-config",
-        "-display", "none",
+        "-display",
+        "none",
         "-no-reboot",
         # signal=off: a ^C on the console is the guest's, not QEMU's.
-        "-chardev", "stdio,id=console,signal=off",
-        "-serial", "chardev:console",
-        "-kernel", str(image),
-        "-initrd", str(initramfs),
-        "-append", kernel_cmdline(arch, extra_cmdline),
+        "-chardev",
+        "stdio,id=console,signal=off",
+        "-serial",
+        "chardev:console",
+        "-kernel",
+        str(image),
+        "-initrd",
+        str(initramfs),
+        "-append",
+        kernel_cmdline(arch, extra_cmdline),
         *arch.qemu_extra,
     ]
 
@@ -98,8 +109,11 @@ def host_identity(arch: Arch) -> str:
     modules = ""
     try:
         modules = ",".join(
-            sorted(line.split()[0] for line in Path("/proc/modules").read_text().splitlines()
-                   if line.startswith("kvm"))
+            sorted(
+                line.split()[0]
+                for line in Path("/proc/modules").read_text().splitlines()
+                if line.startswith("kvm")
+            )
         )
     except OSError:
         pass
@@ -133,9 +147,16 @@ def probe_kvm(arch: Arch, image: Path, initramfs: Path) -> tuple[bool, str]:
         try:
             guest.boot()
         except LabError as err:
-            lines = [ln for ln in console_log.read_text(errors="replace").splitlines() if ln.strip()]
+            lines = [
+                ln
+                for ln in console_log.read_text(errors="replace").splitlines()
+                if ln.strip()
+            ]
             last = lines[-1].strip() if lines else "no console output"
-            return False, f"a probe boot under KVM failed ({err.message}; last line: {last})"
+            return (
+                False,
+                f"a probe boot under KVM failed ({err.message}; last line: {last})",
+            )
         finally:
             guest.poweroff()
     return True, "a probe boot under KVM reached lab-init"
@@ -151,7 +172,9 @@ def choose_accel(
 ) -> AccelChoice:
     """KVM or TCG for this arch, as asked: auto probes, kvm insists."""
     if requested not in ACCELS:
-        raise AccelUnavailable(f"unknown accelerator {requested!r}; use one of {', '.join(ACCELS)}")
+        raise AccelUnavailable(
+            f"unknown accelerator {requested!r}; use one of {', '.join(ACCELS)}"
+        )
     if requested == "tcg":
         return AccelChoice("tcg", "asked for with --lab-accel tcg")
 
@@ -162,7 +185,10 @@ def choose_accel(
         memo = cache.read_memo()
         cached = memo.get(memo_key)
         if isinstance(cached, dict):
-            works, reason = bool(cached["works"]), str(cached["reason"]) + " (cached probe)"
+            works, reason = (
+                bool(cached["works"]),
+                str(cached["reason"]) + " (cached probe)",
+            )
         else:
             progress.phase(f"accel {arch.name}: probing KVM with a test boot")
             works, reason = probe_kvm(arch, image, initramfs)
@@ -173,6 +199,8 @@ def choose_accel(
     if works:
         return AccelChoice("kvm", reason)
     if requested == "kvm":
-        raise AccelUnavailable(f"--lab-accel kvm, but KVM cannot run a {arch.name} guest here: {reason}")
+        raise AccelUnavailable(
+            f"--lab-accel kvm, but KVM cannot run a {arch.name} guest here: {reason}"
+        )
     progress.warn(f"accel {arch.name}: using TCG, not KVM: {reason}")
     return AccelChoice("tcg", reason)

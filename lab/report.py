@@ -1,12 +1,12 @@
 """results/<run-id>/: what one run leaves behind for a person or a CI job.
 
-    results/<run-id>/summary.json     arch, release, accel, boots, checks
-    results/<run-id>/junit.xml        one case per check per arch, plus
-                                      one per KTAP subtest of the guest
-    results/<run-id>/<arch>/          build.log, config, and per boot
-                                      console.log, qemu.cmd (boot 2 on:
-                                      console.2.log, qemu.2.cmd)
-    results/latest -> <run-id>
+results/<run-id>/summary.json     arch, release, accel, boots, checks
+results/<run-id>/junit.xml        one case per check per arch, plus
+                                  one per KTAP subtest of the guest
+results/<run-id>/<arch>/          build.log, config, and per boot
+                                  console.log, qemu.cmd (boot 2 on:
+                                  console.2.log, qemu.2.cmd)
+results/latest -> <run-id>
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ class CheckOutcome:
     details: str = ""
     console: str = ""
     ktap: list[KtapReport] = field(default_factory=list)
+    # For a lab error: its phase, and whether the kernel under test caused it.
+    phase: str = ""
+    kernel_fault: bool = False
 
 
 @dataclass
@@ -147,7 +150,9 @@ class RunResults:
             counts[check.outcome] = counts.get(check.outcome, 0) + 1
         return {
             "run_id": self.run_id,
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)),
+            "started": time.strftime(
+                "%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)
+            ),
             "seconds": round(time.time() - self.started, 1),
             "counts": counts,
             "arches": {
@@ -173,6 +178,8 @@ class RunResults:
                     "outcome": c.outcome,
                     "seconds": round(c.seconds, 2),
                     "message": c.message,
+                    "phase": c.phase,
+                    "kernel_fault": c.kernel_fault,
                     "ktap": [
                         {"name": r.name, "ok": r.ok, "directive": r.directive}
                         for k in c.ktap
@@ -205,13 +212,19 @@ class RunResults:
 
     def finish(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "summary.json").write_text(json.dumps(self.summary(), indent=2) + "\n")
+        (self.dir / "summary.json").write_text(
+            json.dumps(self.summary(), indent=2) + "\n"
+        )
         (self.dir / "junit.xml").write_text(to_xml_report_string(self.junit_suites()))
 
 
 def _check_case(check: CheckOutcome) -> TestCase:
-    case = TestCase(check.name, classname=f"kernel_lab.{check.arch}",
-                    elapsed_sec=check.seconds, stdout=check.console or None)
+    case = TestCase(
+        check.name,
+        classname=f"kernel_lab.{check.arch}",
+        elapsed_sec=check.seconds,
+        stdout=check.console or None,
+    )
     if check.outcome == "failed":
         case.add_failure_info(check.message or "failed", check.details)
     elif check.outcome == "error":
@@ -225,7 +238,9 @@ def _ktap_cases(check: CheckOutcome) -> list[TestCase]:
     cases = []
     for report in check.ktap:
         for result in report.results:
-            case = TestCase(result.name, classname=f"kernel_lab.{check.arch}.{check.name}")
+            case = TestCase(
+                result.name, classname=f"kernel_lab.{check.arch}.{check.name}"
+            )
             if result.skipped:
                 case.add_skipped_info(result.reason)
             elif not result.ok:

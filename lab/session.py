@@ -20,7 +20,13 @@ from lab.cache import LabCache
 from lab.console import BootedGuest, Timeouts
 from lab.errors import LabError
 from lab.guest import GuestBundle, build_guest
-from lab.kbuild import DEFAULT_SERIES, DEFAULT_TARBALL, KernelImage, KernelSource, build_kernel
+from lab.kbuild import (
+    DEFAULT_TARBALL,
+    KernelImage,
+    KernelSource,
+    build_kernel,
+    resolve_source,
+)
 from lab.progress import Progress
 from lab.qemu import AccelChoice, choose_accel, qemu_argv, require_qemu
 from lab.report import RunResults
@@ -36,8 +42,9 @@ TCG_SLOWDOWN = 3.0
 class LabOptions:
     """What the user chose on the command line."""
 
-    kernel_tree: Path = DEFAULT_TARBALL
-    series: Path | None = DEFAULT_SERIES
+    source: KernelSource = field(
+        default_factory=lambda: resolve_source(DEFAULT_TARBALL, None)
+    )
     accel: str = "auto"
     launcher: str = "qemu"
     cache: Path = Path("~/.cache/kernel-lab")
@@ -70,7 +77,7 @@ class LabRun:
         self.progress = progress or Progress()
         self.cache = LabCache(options.cache)
         self.results = RunResults.create(options.results)
-        self.source = KernelSource(options.kernel_tree.expanduser().resolve(), options.series)
+        self.source = options.source
         self.states: dict[str, ArchState] = {}
 
     def state(self, arch_name: str) -> ArchState:
@@ -88,8 +95,12 @@ class LabRun:
         if state.kernel is None:
             try:
                 state.kernel = build_kernel(
-                    state.arch, self.source, self.cache, self.progress,
-                    jobs=self.options.jobs, timeout=self.options.build_timeout,
+                    state.arch,
+                    self.source,
+                    self.cache,
+                    self.progress,
+                    jobs=self.options.jobs,
+                    timeout=self.options.build_timeout,
                 )
             except LabError as err:
                 state.failure = err
@@ -118,8 +129,14 @@ class LabRun:
             kernel = self.kernel(arch_name)
             bundle = self.bundle(arch_name)
             require_qemu(state.arch)
-            state.accel = choose_accel(self.options.accel, state.arch, kernel.image,
-                                       bundle.initramfs, self.cache, self.progress)
+            state.accel = choose_accel(
+                self.options.accel,
+                state.arch,
+                kernel.image,
+                bundle.initramfs,
+                self.cache,
+                self.progress,
+            )
             self.results.set_accel(state.arch, state.accel)
         return state.accel
 
@@ -136,23 +153,38 @@ class LabRun:
         state.guest = self._boot(state, self.kernel(arch_name), self.bundle(arch_name))
         return state.guest
 
-    def _boot(self, state: ArchState, kernel: KernelImage, bundle: GuestBundle) -> BootedGuest:
+    def _boot(
+        self, state: ArchState, kernel: KernelImage, bundle: GuestBundle
+    ) -> BootedGuest:
         assert state.accel is not None
         number = len(state.boots) + 1
         console_log = self.results.boot_file(state.arch, "console.log", number)
         if self.options.launcher == "vng" and state.arch.vng:
-            launch = vng.session_launch(state.arch, kernel.image, bundle, state.accel.accel)
+            launch = vng.session_launch(
+                state.arch, kernel.image, bundle, state.accel.accel
+            )
         else:
             launch = vng.Launch(
-                qemu_argv(state.arch, kernel.image, bundle.initramfs, state.accel.accel),
+                qemu_argv(
+                    state.arch, kernel.image, bundle.initramfs, state.accel.accel
+                ),
                 program_dir="/bin",
             )
         self.results.boot_file(state.arch, "qemu.cmd", number).write_text(
-            shlex.join(launch.argv) + "\n")
-        guest = BootedGuest(launch.argv, console_log, launch.program_dir, self.timeouts(state),
-                            env=launch.env, startup=launch.startup)
-        self.progress.phase(f"boot {state.arch.name}: {kernel.release} under "
-                            f"{state.accel.accel.upper()} ({self.options.launcher}), boot {number}")
+            shlex.join(launch.argv) + "\n"
+        )
+        guest = BootedGuest(
+            launch.argv,
+            console_log,
+            launch.program_dir,
+            self.timeouts(state),
+            env=launch.env,
+            startup=launch.startup,
+        )
+        self.progress.phase(
+            f"boot {state.arch.name}: {kernel.release} under "
+            f"{state.accel.accel.upper()} ({self.options.launcher}), boot {number}"
+        )
         try:
             seconds = guest.boot()
         except LabError:
@@ -163,11 +195,13 @@ class LabRun:
         self.progress.phase(f"boot {state.arch.name}: up in {seconds:.1f} s")
         return guest
 
-    def close(self) -> None:
-        """Power off every guest and write the run's summary."""
+    def close(self, kill: bool = False) -> None:
+        """Power off (or kill) every guest and write the run's summary."""
         for state in self.states.values():
             if state.guest is not None:
-                state.guest.poweroff()
+                if kill:
+                    state.guest.kill()
+                else:
+                    state.guest.poweroff()
                 state.guest = None
         self.results.finish()
-

@@ -36,9 +36,13 @@ class Launch:
 
 def vng_binary() -> str:
     """vng from PATH or from the running Python's bin directory."""
-    found = shutil.which("vng") or shutil.which("vng", path=str(Path(sys.executable).parent))
+    found = shutil.which("vng") or shutil.which(
+        "vng", path=str(Path(sys.executable).parent)
+    )
     if found is None:
-        raise ToolMissing("vng (virtme-ng) not found; install it: pip install virtme-ng")
+        raise ToolMissing(
+            "vng (virtme-ng) not found; install it: pip install virtme-ng"
+        )
     return found
 
 
@@ -50,21 +54,34 @@ def vng_env() -> dict[str, str]:
     return env
 
 
-def vng_argv(arch: Arch, image: Path, accel: str, exec_command: str | None) -> list[str]:
+def vng_argv(
+    arch: Arch,
+    image: Path,
+    accel: str,
+    exec_command: str | None,
+    kernel_messages: bool = False,
+) -> list[str]:
     if not arch.vng:
         raise ToolMissing(f"virtme-ng cannot boot {arch.name}; use --lab-launcher qemu")
     cpu = arch.cpu_kvm if accel == "kvm" and arch.cpu_kvm else arch.cpu_tcg
     argv = [
         vng_binary(),
-        "--run", str(image),
+        "--run",
+        str(image),
         "--force-9p",
-        "--cpus", str(arch.smp),
-        "--memory", f"{arch.memory_mb}M",
+        "--cpus",
+        str(arch.smp),
+        "--memory",
+        f"{arch.memory_mb}M",
         f"--qemu-opts=-cpu {cpu} -no-reboot",
-        "--append", kernel_cmdline(arch).replace(f"console={arch.console} ", ""),
+        "--append",
+        kernel_cmdline(arch).replace(f"console={arch.console} ", ""),
     ]
     if accel == "tcg":
         argv.append("--disable-kvm")
+    if kernel_messages:
+        # The console must carry the kernel's panics and oopses, as under QEMU.
+        argv.append("--verbose")
     if exec_command is not None:
         argv += ["--exec", exec_command]
     return argv
@@ -74,15 +91,22 @@ def session_launch(arch: Arch, image: Path, bundle: GuestBundle, accel: str) -> 
     """A vng boot whose console is lab-init, for a session of checks."""
     runner = f"{bundle.bin_dir}/{INIT_PROGRAM} --runner"
     return Launch(
-        vng_argv(arch, image, accel, exec_command=runner),
+        vng_argv(arch, image, accel, exec_command=runner, kernel_messages=True),
         program_dir=str(bundle.bin_dir),
         env=vng_env(),
     )
 
 
-def run_once(arch: Arch, image: Path, accel: str, command: str,
-             timeout: float) -> subprocess.CompletedProcess[str]:
+def run_once(
+    arch: Arch, image: Path, accel: str, command: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
     """Boot, run one command under vng and return its exit status and output."""
     argv = vng_argv(arch, image, accel, exec_command=command)
-    return subprocess.run(argv, env=vng_env(), capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=timeout)
+    return subprocess.run(
+        argv,
+        env=vng_env(),
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=timeout,
+    )
