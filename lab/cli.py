@@ -3,6 +3,7 @@
 lab doctor               what this host has and lacks, KVM or not
 lab build --arch A       build (or find in the cache) the kernel
 lab test [pytest args]   run the checks: pytest with the lab's tests
+lab bisect [--arch A]    a `git bisect run` step: 0 good, 1 bad, 125 skip
 """
 
 from __future__ import annotations

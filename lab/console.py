@@ -14,6 +14,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import pexpect
 
@@ -74,7 +75,7 @@ class BootedGuest:
         # Kernel WARNINGs seen in command output, in order.
         self.warnings: list[str] = []
         self._next_id = 1
-        self._log_file = None
+        self._log_file: BinaryIO | None = None
 
     # -- lifecycle -----------------------------------------------------
 
@@ -176,7 +177,8 @@ class BootedGuest:
             rc=int(self.child.match.group("rc")),
             output=output,
             seconds=time.monotonic() - started,
-            warnings=patterns.find_warnings(output),
+            # All read since the last command: a WARNING may come between two.
+            warnings=patterns.find_warnings(raw),
         )
         self.warnings.extend(result.warnings)
         return result
@@ -280,7 +282,7 @@ class BootedGuest:
         self.crashed = f"no answer within {timeout:.0f} s"
         self.kill()
         raise error(
-            f"guest hang: no answer within {timeout:.0f} s during {what}",
+            f"guest hang: no answer within {timeout:g} s during {what}",
             self.console_log,
             tail_of(self.console_log, 40),
             kernel_fault=True,

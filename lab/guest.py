@@ -132,7 +132,7 @@ class CpioWriter:
             0,
             rdev[0],
             rdev[1],
-            len(name) + 1,
+            len(name.encode()) + 1,
             0,
         ]
         self.ino += 1

@@ -189,7 +189,9 @@ def build_key(arch: Arch, source: KernelSource, cache: LabCache) -> BuildKey:
         "make_target": arch.make_target,
         "compiler": compiler_version(arch.cc),
     }
-    for patch in source.patches():
+    patches = source.patches()
+    inputs["series"] = " ".join(p.name for p in patches)
+    for patch in patches:
         inputs[f"patch:{patch.name}"] = file_sha256(patch)
     for frag in fragments_for(arch, with_test_lsm=True):
         inputs[f"fragment:{frag.name}"] = file_sha256(frag)

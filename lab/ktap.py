@@ -60,6 +60,8 @@ class KtapReport:
         out = [f"not ok {r.number} {r.name}: {r.directive}" for r in self.failed]
         if self.version is None:
             out.append("no KTAP version line: the program did not start its report")
+        elif self.planned is None:
+            out.append("no plan line (1..N): the report is incomplete")
         elif not self.complete:
             out.append(f"planned {self.planned} results, got {len(self.results)}")
         return out

@@ -23,17 +23,21 @@ def begin_of(command_id: int) -> bytes:
 
 # Kernel states that end the guest's usefulness: the check fails, the next
 # one boots afresh. Order matters when several match: the first wins.
+# Each matches a whole line only (up to its end of line), so that a line the
+# serial port delivers in pieces is not cut short and a longer name of the
+# same line ("watchdog: BUG: soft lockup") wins over a shorter ("BUG:").
+EOL = rb"[^\r\n]*(?=\r?\n)"
 CRASHES: dict[str, bytes] = {
-    "kernel panic": rb"Kernel panic - not syncing:[^\r\n]*",
-    "init died": rb"Attempted to kill init![^\r\n]*",
-    "oops": rb"(?:Oops(?:: [^\r\n]*)?|BUG: [^\r\n]*|general protection fault[^\r\n]*"
-    rb"|Unable to handle kernel [^\r\n]*)",
-    "soft lockup": rb"watchdog: BUG: soft lockup[^\r\n]*",
-    "rcu stall": rb"rcu: INFO: rcu_[a-z]+ (?:self-)?detected stalls[^\r\n]*",
+    "kernel panic": rb"Kernel panic - not syncing:(?! Attempted to kill init!)" + EOL,
+    "init died": rb"Attempted to kill init!" + EOL,
+    "oops": rb"(?:Oops\b|BUG: |general protection fault|Unable to handle kernel )"
+    + EOL,
+    "soft lockup": rb"watchdog: BUG: soft lockup" + EOL,
+    "rcu stall": rb"rcu: INFO: rcu_[a-z]+ (?:self-)?detected stalls" + EOL,
 }
 
 # Reported against the check that caused it, but the guest goes on.
-WARNING = rb"WARNING: CPU: \d+ PID: \d+ at [^\r\n]*"
+WARNING = rb"WARNING: CPU: \d+ PID: \d+ at " + EOL
 
 CRASH_RES = {name: re.compile(pat) for name, pat in CRASHES.items()}
 WARNING_RE = re.compile(WARNING)

@@ -8,11 +8,12 @@ session, a fresh one after a crash); `kernel` gives the built image.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pluggy import Result
 
 from lab.arches import ARCHES, Arch, get_arch
 from lab.console import CRLF_RE, BootedGuest
@@ -130,6 +131,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "arches(*names): limit a lab test to these arches"
     )
     config.addinivalue_line("markers", "vng: tests of the virtme-ng launcher")
+    config.addinivalue_line("markers", "bisect: the end-to-end git bisect run test")
     config.stash[OPTIONS_KEY] = options_from(config)
 
 
@@ -222,7 +224,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
-) -> Iterator[None]:
+) -> Generator[None, Result[pytest.TestReport], None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
 

@@ -1,0 +1,219 @@
+"""The pytest plugin, run in a pytester sandbox: options, markers, arch ids."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from lab.arches import ARCHES, X86_64
+
+# Here, not in tests/unit/conftest.py: pytest refuses pytest_plugins in a
+# conftest below the rootdir when it is run as `pytest` from the top.
+pytest_plugins = ["pytester"]
+
+ARCH_TEST = """
+def test_boots(lab_arch):
+    assert lab_arch
+"""
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    """pytest in the sandbox, without plugins of this host that slow it down."""
+    return pytester.runpytest(
+        "-p", "no:hypothesispytest", "-p", "no:cacheprovider", *args
+    )
+
+
+@pytest.fixture
+def second_arch(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A second machine in the table, so that selecting one arch shows."""
+    monkeypatch.setitem(ARCHES, "mips", replace(X86_64, name="mips"))
+    return "mips"
+
+
+def test_markers_list_every_arch(pytester: pytest.Pytester) -> None:
+    result = run(pytester, "--markers")
+
+    assert result.ret == 0
+    for name in ARCHES:
+        result.stdout.fnmatch_lines(
+            [f"@pytest.mark.{name}: checks that boot a {name} guest"]
+        )
+    result.stdout.fnmatch_lines(["@pytest.mark.arches(*names):*"])
+
+
+def test_markers_follow_the_arch_table(
+    pytester: pytest.Pytester, second_arch: str
+) -> None:
+    result = run(pytester, "--markers")
+
+    result.stdout.fnmatch_lines(["@pytest.mark.mips: checks that boot a mips guest"])
+
+
+def test_lab_arch_test_runs_once_per_arch(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_sandbox_arch=ARCH_TEST)
+
+    result = run(pytester, "--collect-only", "-q")
+
+    assert result.ret == 0
+    ids = [
+        line for line in result.outlines if line.startswith("test_sandbox_arch.py::")
+    ]
+    assert ids == [f"test_sandbox_arch.py::test_boots[{name}]" for name in ARCHES]
+
+
+def test_arch_marker_selects_one_arch(
+    pytester: pytest.Pytester, second_arch: str
+) -> None:
+    pytester.makepyfile(test_sandbox_arch=ARCH_TEST)
+
+    every = run(pytester, "--collect-only", "-q")
+    x86 = run(pytester, "--collect-only", "-q", "-m", "x86_64")
+    mips = run(pytester, "--collect-only", "-q", "-m", "mips")
+
+    every.stdout.fnmatch_lines(
+        [
+            "test_sandbox_arch.py::test_boots[x86_64]",
+            "test_sandbox_arch.py::test_boots[mips]",
+        ]
+    )
+    assert [ln for ln in x86.outlines if "::" in ln] == [
+        "test_sandbox_arch.py::test_boots[x86_64]"
+    ]
+    assert [ln for ln in mips.outlines if "::" in ln] == [
+        "test_sandbox_arch.py::test_boots[mips]"
+    ]
+
+
+def test_lab_marker_selects_arch_tests_only(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_sandbox_arch=ARCH_TEST + "\n\ndef test_plain():\n    pass\n"
+    )
+
+    result = run(pytester, "--collect-only", "-q", "-m", "not lab")
+
+    assert [ln for ln in result.outlines if "::" in ln] == [
+        "test_sandbox_arch.py::test_plain"
+    ]
+
+
+def test_arches_marker_limits_a_test(
+    pytester: pytest.Pytester, second_arch: str
+) -> None:
+    pytester.makepyfile(
+        test_sandbox_arch="""
+import pytest
+
+@pytest.mark.arches("mips", "riscv64")
+def test_mips_only(lab_arch):
+    assert lab_arch == "mips"
+"""
+    )
+
+    result = run(pytester, "-q")
+
+    result.assert_outcomes(passed=1)
+    collected = run(pytester, "--collect-only", "-q")
+    assert [ln for ln in collected.outlines if "::" in ln] == [
+        "test_sandbox_arch.py::test_mips_only[mips]"
+    ]
+
+
+def test_help_shows_the_lab_options(pytester: pytest.Pytester) -> None:
+    result = run(pytester, "--help")
+
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(["kernel-lab: build, boot and test kernels:"])
+    for option in (
+        "--kernel-tree",
+        "--lab-series",
+        "--lab-accel",
+        "--lab-cache",
+        "--lab-results",
+    ):
+        result.stdout.fnmatch_lines([f"*{option}*"])
+    result.stdout.fnmatch_lines(["*--lab-accel*{auto,kvm,tcg}*"])
+
+
+def test_bad_accel_is_refused_by_the_command_line(pytester: pytest.Pytester) -> None:
+    result = run(pytester, "--lab-accel", "hvf")
+
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*--lab-accel*invalid choice*hvf*"])
+
+
+FAKE_RUN_CONFTEST = """
+import pytest
+
+
+class FakeGuest:
+    def __init__(self, console_log):
+        self.console_log = console_log
+        self.warnings = []
+
+
+class FakeRun:
+    def __init__(self, console_log):
+        self.booted = FakeGuest(console_log)
+
+    def guest(self, arch):
+        return self.booted
+
+
+@pytest.fixture(scope="session")
+def lab_run(tmp_path_factory):
+    log = tmp_path_factory.mktemp("run") / "console.log"
+    log.write_text("")
+    return FakeRun(log)
+"""
+
+
+def test_kernel_warning_during_a_check_fails_it(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(FAKE_RUN_CONFTEST)
+    pytester.makepyfile(
+        test_sandbox_warn="""
+WARN = "WARNING: CPU: 1 PID: 57 at kernel/sched/core.c:1234 foo+0x12/0x40"
+
+def test_a_warning(guest):
+    guest.warnings.append(WARN)
+
+def test_after_the_warning(guest):
+    assert guest.warnings
+"""
+    )
+
+    result = run(pytester, "-m", "x86_64")
+
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*kernel WARNING during this check:*",
+            "*WARNING: CPU: 1 PID: 57 at kernel/sched/core.c:1234 foo+0x12/0x40*",
+            "FAILED test_sandbox_warn.py::test_a_warning[[]x86_64[]]*",
+        ]
+    )
+
+
+def test_lab_error_is_shown_as_its_message(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_sandbox_crash="""
+from lab.errors import GuestError
+
+def test_crash(lab_arch):
+    raise GuestError("guest hang: no answer within 90 s during command 'run x'",
+                     tail="# stalling_for: -1")
+"""
+    )
+
+    result = run(pytester, "-m", "x86_64")
+
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "[[]run[]] guest hang: no answer within 90 s during command 'run x'",
+            "  last lines:",
+            "  | # stalling_for: -1",
+        ]
+    )
+    result.stdout.no_fnmatch_line("*Traceback*")
