@@ -105,7 +105,46 @@ X86_64 = Arch(
     setaffinity_entry="__x64_sys_sched_setaffinity",
 )
 
-ARCHES: dict[str, Arch] = {arch.name: arch for arch in (X86_64,)}
+MIPS = Arch(
+    name="mips",
+    kernel_arch="mips",
+    cross_compile="mips-linux-gnu-",
+    config_target="malta_defconfig",
+    fragments=("base", "mips"),
+    make_target="vmlinux",
+    image="vmlinux",
+    guest_cc="mips-linux-gnu-gcc",
+    guest_cflags=(),
+    qemu="qemu-system-mips",
+    machine="malta",
+    cpu_tcg="34Kf",
+    cpu_kvm=None,
+    smp=2,
+    memory_mb=256,
+    console="ttyS0",
+    qemu_extra=(),
+    packages=("qemu-system-mips", "gcc-mips-linux-gnu"),
+    kprobe_args=("%r4", "%r5"),
+    word_type="x32",
+    vng=False,
+    kvm_host=None,
+    affinity=AffinityRules(
+        partial_errno="0",
+        partial_affinity="0-1",
+        outside_errno="0",
+        outside_affinity="0-1",
+        note=(
+            "MIPS_MT_FPAFF: mipsmt_sys_sched_setaffinity() applies the request, "
+            "then resets the task to the whole cpuset when the request is not a "
+            "subset of it, and returns 0; its sched_getaffinity() reports "
+            "user_cpus_allowed | cpus_ptr, so it shows the request plus the cpuset "
+            "(0-1) while Cpus_allowed_list and the CPUs run on stay 0"
+        ),
+    ),
+    setaffinity_entry="mipsmt_sys_sched_setaffinity",
+)
+
+ARCHES: dict[str, Arch] = {arch.name: arch for arch in (X86_64, MIPS)}
 
 
 class UnknownArch(ValueError):

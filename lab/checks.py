@@ -250,6 +250,9 @@ class KprobeWitness:
         return f"p:{self.group}/{self.event} {self.function} {' '.join(args)}"
 
     def __enter__(self) -> KprobeWitness:
+        # A global counter orders events of all CPUs; the default clock can
+        # tick too coarsely (10 ms on MIPS) to tell two calls apart.
+        self.guest.write(f"{TRACEFS}/trace_clock", "counter")
         self.guest.append(f"{TRACEFS}/kprobe_events", self.definition())
         self.guest.write(f"{TRACEFS}/trace", "")
         self.guest.write(f"{TRACEFS}/events/{self.group}/{self.event}/enable", "1")

@@ -22,11 +22,12 @@ def begin_of(command_id: int) -> bytes:
 
 
 # Kernel states that end the guest's usefulness: the check fails, the next
-# one boots afresh. Order matters when several match: the first wins.
-# Each matches a whole line only (up to its end of line), so that a line the
-# serial port delivers in pieces is not cut short and a longer name of the
-# same line ("watchdog: BUG: soft lockup") wins over a shorter ("BUG:").
-EOL = rb"[^\r\n]*(?=\r?\n)"
+# one boots afresh. When several match, the earliest in the text wins. Each
+# matches a whole line only, up to its end (which two ttys turn into
+# \r\r\n), so that a line the serial port delivers in pieces is not cut
+# short and a longer name of the same line ("watchdog: BUG: soft lockup")
+# wins over a shorter one ("BUG:").
+EOL = rb"[^\r\n]*(?=\r*\n)"
 CRASHES: dict[str, bytes] = {
     "kernel panic": rb"Kernel panic - not syncing:(?! Attempted to kill init!)" + EOL,
     "init died": rb"Attempted to kill init!" + EOL,

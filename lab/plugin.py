@@ -16,6 +16,7 @@ import pytest
 from pluggy import Result
 
 from lab.arches import ARCHES, Arch, get_arch
+from lab.checks import HookNotExpanded
 from lab.console import CRLF_RE, BootedGuest
 from lab.errors import LabError
 from lab.kbuild import DEFAULT_SERIES, DEFAULT_TARBALL, KernelImage, resolve_source
@@ -227,6 +228,10 @@ def pytest_runtest_makereport(
 ) -> Generator[None, Result[pytest.TestReport], None]:
     outcome = yield
     report: pytest.TestReport = outcome.get_result()
+
+    # A kernel without the expanded hook: say so, without a traceback.
+    if call.excinfo is not None and isinstance(call.excinfo.value, HookNotExpanded):
+        report.longrepr = str(call.excinfo.value)
 
     # A lab failure explains itself: show its message, not a traceback.
     if call.excinfo is not None and isinstance(call.excinfo.value, LabError):

@@ -27,40 +27,64 @@ def test_hook_sees_untruncated_mask_in_cpuset(
     guest: BootedGuest, kernel: KernelImage, arch: Arch, ktap_reports: list[KtapReport]
 ) -> None:
     """cpuset.cpus=0, sched_setaffinity({0,1}): the call succeeds, the task
-    runs on {0} only, and the hook was given {0,1}, not the cut-down {0}."""
+    runs on {0} only, and the hook was given {0,1}, not the cut-down {0}.
+
+    What sched_getaffinity() reports afterwards differs by arch: {0} from
+    the generic syscall; {0,1} from MIPS FPAFF, which reports the request
+    it recorded or'd with the CPUs allowed, while /proc/self/status
+    (Cpus_allowed_list) says {0} on both."""
     lsm = TestLsm(guest, kernel).require()
     lsm.clear()
 
     with Cpuset(guest, cpus="0") as cpuset:
         run = run_program(
-            guest, "affinity", "--mask", "0-1",
-            "--expect-errno", arch.affinity.partial_errno,
-            "--expect-affinity", arch.affinity.partial_affinity,
-            "--expect-ran-on", "0",
-            cgroup=cpuset.path, reports=ktap_reports,
+            guest,
+            "affinity",
+            "--mask",
+            "0-1",
+            "--expect-errno",
+            arch.affinity.partial_errno,
+            "--expect-affinity",
+            arch.affinity.partial_affinity,
+            "--expect-ran-on",
+            "0",
+            cgroup=cpuset.path,
+            reports=ktap_reports,
         )
 
     run.assert_ok()
+    assert run.fact("status_cpus_allowed") == "0"
     # Joining the cpuset is checked by the hook too, without a mask.
     calls = lsm.records(caller=run.pid)
-    assert [(c.target, c.mask) for c in calls] == [(run.pid, "none"), (run.pid, "0-1")], calls
+    assert [(c.target, c.mask) for c in calls] == [
+        (run.pid, "none"),
+        (run.pid, "0-1"),
+    ], calls
 
 
-def test_mask_outside_cpuset_hook_still_sees_mask(
+def test_mask_outside_cpuset_follows_arch_rule_and_hook_sees_it(
     guest: BootedGuest, kernel: KernelImage, arch: Arch, ktap_reports: list[KtapReport]
 ) -> None:
-    """cpuset.cpus=0, sched_setaffinity({1}): the arch's rule for a mask
-    with no CPU of the cpuset applies (EINVAL on the generic path), and the
-    hook still saw {1}."""
+    """cpuset.cpus=0, sched_setaffinity({1}), a mask with no CPU of the
+    cpuset. The arches differ: the generic syscall (x86_64) fails with
+    EINVAL and leaves the affinity as it was; the MIPS MT FPAFF syscall
+    applies the mask, finds it outside the cpuset, resets the task to the
+    whole cpuset and returns 0. On both, the hook saw {1}."""
     lsm = TestLsm(guest, kernel).require()
     lsm.clear()
 
     with Cpuset(guest, cpus="0") as cpuset:
         run = run_program(
-            guest, "affinity", "--mask", "1",
-            "--expect-errno", arch.affinity.outside_errno,
-            "--expect-affinity", arch.affinity.outside_affinity,
-            cgroup=cpuset.path, reports=ktap_reports,
+            guest,
+            "affinity",
+            "--mask",
+            "1",
+            "--expect-errno",
+            arch.affinity.outside_errno,
+            "--expect-affinity",
+            arch.affinity.outside_affinity,
+            cgroup=cpuset.path,
+            reports=ktap_reports,
         )
 
     run.assert_ok()
@@ -78,8 +102,14 @@ def test_lsm_deny_rule_refuses_mask_and_keeps_affinity(
     lsm.deny_cpus("1")
     try:
         run = run_program(
-            guest, "affinity", "--mask", "0-1",
-            "--expect-errno", "EACCES", "--expect-affinity", "unchanged",
+            guest,
+            "affinity",
+            "--mask",
+            "0-1",
+            "--expect-errno",
+            "EACCES",
+            "--expect-affinity",
+            "unchanged",
             reports=ktap_reports,
         )
     finally:
@@ -99,8 +129,14 @@ def test_same_call_succeeds_without_deny_rule(
     lsm.clear()
 
     run = run_program(
-        guest, "affinity", "--mask", "0-1",
-        "--expect-errno", "0", "--expect-affinity", "0-1",
+        guest,
+        "affinity",
+        "--mask",
+        "0-1",
+        "--expect-errno",
+        "0",
+        "--expect-affinity",
+        "0-1",
         reports=ktap_reports,
     )
 
@@ -117,8 +153,15 @@ def test_sched_setattr_reaches_hook_without_mask(
     lsm = TestLsm(guest, kernel).require()
     lsm.clear()
 
-    run = run_program(guest, "setattr", "--policy", "batch", "--expect-errno", "0",
-                      reports=ktap_reports)
+    run = run_program(
+        guest,
+        "setattr",
+        "--policy",
+        "batch",
+        "--expect-errno",
+        "0",
+        reports=ktap_reports,
+    )
 
     run.assert_ok()
     calls = lsm.records(caller=run.pid)
@@ -132,15 +175,40 @@ def test_kprobe_witness_sees_requested_mask_word(
     the mask argument of the affinity call in a cpuset.cpus=0 cpuset, and
     its first word is {0,1} (0x3), not the cpuset's {0} (0x1)."""
     with KprobeWitness(guest, arch, kernel) as probe, Cpuset(guest, cpus="0") as cpuset:
-        run = run_program(guest, "affinity", "--mask", "0-1", cgroup=cpuset.path,
-                          reports=ktap_reports)
+        run = run_program(
+            guest, "affinity", "--mask", "0-1", cgroup=cpuset.path, reports=ktap_reports
+        )
         hits = probe.hits(pid=run.pid)
 
     # Two calls: joining the cpuset (no mask), then the affinity change.
-    assert len(hits) == 2, f"expected two hook calls by pid {run.pid}, the probe saw {hits}"
+    assert len(hits) == 2, (
+        f"expected two hook calls by pid {run.pid}, the probe saw {hits}"
+    )
     require_expanded_hook(kernel)
     attach, affinity = hits
     assert attach.mask_ptr == 0, f"cpuset attach passed a mask: {attach}"
-    assert affinity.mask_ptr, "the hook was called with a NULL mask for an affinity change"
+    assert affinity.mask_ptr, (
+        "the hook was called with a NULL mask for an affinity change"
+    )
     assert affinity.mask_word == cpulist_to_word("0-1"), (
-        f"mask word {affinity.mask_word:#x}, requested {cpulist_to_word('0-1'):#x}")
+        f"mask word {affinity.mask_word:#x}, requested {cpulist_to_word('0-1'):#x}"
+    )
+
+
+def test_affinity_syscall_path_of_the_arch_reaches_hook_with_mask(
+    guest: BootedGuest, kernel: KernelImage, arch: Arch, ktap_reports: list[KtapReport]
+) -> None:
+    """The arch's own sched_setaffinity entry (the generic syscall on
+    x86_64, mipsmt_sys_sched_setaffinity with MIPS MT FPAFF) runs for the
+    call, and the hook it calls gets the requested mask."""
+    entry = KprobeWitness(
+        guest, arch, kernel, function=arch.setaffinity_entry, event="entry"
+    )
+    with entry, KprobeWitness(guest, arch, kernel) as hook:
+        run = run_program(guest, "affinity", "--mask", "0-1", reports=ktap_reports)
+        entered = entry.hits(pid=run.pid)
+        hooked = hook.hits(pid=run.pid)
+
+    assert len(entered) == 1, f"{arch.setaffinity_entry} ran {len(entered)} times"
+    require_expanded_hook(kernel)
+    assert [h.mask_word for h in hooked] == [cpulist_to_word("0-1")], hooked

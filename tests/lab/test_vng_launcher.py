@@ -21,10 +21,13 @@ def test_vng_passes_guest_exit_status_back(
 ) -> None:
     accel = lab_run.accel(lab_arch)
 
-    done = vng.run_once(arch, kernel.image, accel.accel,
-                        "uname -r; nproc; exit 3", timeout=180)
+    done = vng.run_once(
+        arch, kernel.image, accel.accel, "uname -r; nproc; exit 3", timeout=180
+    )
 
-    assert done.returncode == 3, f"vng exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    assert done.returncode == 3, (
+        f"vng exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    )
     assert done.stdout.split() == [kernel.release, str(arch.smp)], done.stdout
 
 
@@ -35,13 +38,28 @@ def test_vng_session_runs_affinity_check_like_plain_qemu(
     bundle = lab_run.bundle(lab_arch)
     launch = vng.session_launch(arch, kernel.image, bundle, accel.accel)
     console_log = lab_run.results.arch_dir(arch) / "console.vng.log"
-    guest = BootedGuest(launch.argv, console_log, launch.program_dir,
-                        lab_run.timeouts(lab_run.state(lab_arch)), env=launch.env)
+    guest = BootedGuest(
+        launch.argv,
+        console_log,
+        launch.program_dir,
+        lab_run.timeouts(lab_run.state(lab_arch)),
+        env=launch.env,
+    )
     try:
         guest.boot()
         assert guest.release == kernel.release
-        run = run_program(guest, "affinity", "--mask", "0", "--expect-errno", "0",
-                          "--expect-affinity", "0", "--expect-ran-on", "0")
+        run = run_program(
+            guest,
+            "affinity",
+            "--mask",
+            "0",
+            "--expect-errno",
+            "0",
+            "--expect-affinity",
+            "0",
+            "--expect-ran-on",
+            "0",
+        )
         run.assert_ok()
     finally:
         guest.poweroff()

@@ -95,3 +95,13 @@ def test_two_warnings_are_found_in_order() -> None:
         "WARNING: CPU: 1 PID: 57 at kernel/sched/core.c:1234 foo+0x12/0x40",
         "WARNING: CPU: 0 PID: 58 at mm/slub.c:99 bar+0x1/0x8",
     ]
+
+
+def test_panic_line_as_it_reaches_pexpect_through_two_ttys() -> None:
+    """The guest's tty and pexpect's pty each turn \\n into \\r\\n."""
+    console = b"[    5.713273] Kernel panic - not syncing: sysrq triggered crash\r\r\n"
+
+    assert find_crash(console) == (
+        "kernel panic",
+        "Kernel panic - not syncing: sysrq triggered crash",
+    )
