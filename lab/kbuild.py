@@ -132,6 +132,13 @@ class KernelImage:
     source: str
     build_seconds: float
     cached: bool
+    # "tarball:<sha256>" or "git:<commit>:<diff hash or clean>".
+    source_id: str = ""
+
+    @property
+    def commit(self) -> str:
+        """The tree's commit, for a kernel built from git ("" otherwise)."""
+        return self.source_id.split(":")[1] if self.source_id.startswith("git:") else ""
 
 
 @dataclass(frozen=True)
@@ -547,6 +554,7 @@ def load_entry(entry: Path, cached: bool) -> KernelImage:
         source=manifest["source"],
         build_seconds=manifest["build_seconds"],
         cached=cached,
+        source_id=manifest.get("inputs", {}).get("source", ""),
     )
 
 

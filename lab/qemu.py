@@ -198,6 +198,10 @@ def choose_accel(
 
     if works:
         return AccelChoice("kvm", reason)
+    if requested != "kvm" and arch.kvm_host != platform.machine():
+        # Not a fallback: KVM never runs this guest on this kind of host.
+        progress.phase(f"accel {arch.name}: TCG ({reason})")
+        return AccelChoice("tcg", reason)
     if requested == "kvm":
         raise AccelUnavailable(
             f"--lab-accel kvm, but KVM cannot run a {arch.name} guest here: {reason}"

@@ -51,6 +51,7 @@ class ArchReport:
     release: str = ""
     kernel_key: str = ""
     source: str = ""
+    commit: str = ""
     hook_expanded: bool | None = None
     test_lsm: bool | None = None
     build_seconds: float | None = None
@@ -120,6 +121,7 @@ class RunResults:
         report.release = kernel.release
         report.kernel_key = kernel.key
         report.source = kernel.source
+        report.commit = kernel.commit
         report.hook_expanded = kernel.hook_expanded
         report.test_lsm = kernel.test_lsm
         report.build_seconds = kernel.build_seconds
@@ -160,6 +162,7 @@ class RunResults:
                     "release": a.release,
                     "kernel_key": a.kernel_key,
                     "source": a.source,
+                    "commit": a.commit,
                     "hook_expanded": a.hook_expanded,
                     "test_lsm": a.test_lsm,
                     "build_seconds": a.build_seconds,
@@ -203,6 +206,7 @@ class RunResults:
                 "arch": arch,
                 "kernel_release": report.release,
                 "kernel_source": report.source,
+                "kernel_commit": report.commit,
                 "kernel_key": report.kernel_key,
                 "hook_expanded": str(report.hook_expanded),
                 "accel": report.accel,

@@ -110,7 +110,7 @@ def test_git_bisect_run_names_the_commit_that_drops_the_mask(
     lab_run: LabRun, lab_arch: str, tmp_path: Path
 ) -> None:
     repo, good, breaking, tip = make_history(lab_run.cache)
-    git(repo, "bisect", "reset", "-q")
+    git(repo, "bisect", "reset")
     git(repo, "bisect", "start", tip, good)
     try:
         done = subprocess.run(
@@ -138,7 +138,7 @@ def test_git_bisect_run_names_the_commit_that_drops_the_mask(
         )
         bisect_log = git(repo, "bisect", "log")
     finally:
-        git(repo, "bisect", "reset", "-q")
+        git(repo, "bisect", "reset")
 
     (lab_run.results.arch_dir(lab_arch) / "bisect.log").write_text(
         done.stdout + "\n" + done.stderr + "\n" + bisect_log + "\n"
