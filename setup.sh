@@ -11,6 +11,8 @@ APT_PACKAGES=(
 	cpio ccache lz4 xz-utils patch git kmod
 	# virtme-ng: its guest init needs udevd for the script I/O ports
 	udev
+	# BTF for the BPF LSM: pahole, bpftool, clang, static libbpf
+	dwarves bpftool clang llvm libbpf-dev zlib1g-dev libzstd-dev
 	# machines: x86_64 and MIPS Malta, and MIPS cross tools
 	qemu-system-x86 qemu-system-mips gcc-mips-linux-gnu libc6-dev-mips-cross
 	# Python

@@ -13,6 +13,8 @@
  *	<id> write <path> [text]	(truncates first; append <path> appends)
  *	<id> mkdir <path>
  *	<id> rmdir <path>
+ *	<id> mount <fstype> <target> [options]
+ *	<id> umount <target>
  *	<id> poweroff
  *
  * and its output is framed as "@@LAB:BEGIN <id>@@" ... "@@LAB:END <id>
@@ -37,14 +39,17 @@
 
 static const struct {
 	const char *source, *target, *type;
+	bool optional;	/* the kernel may lack it: no message then */
 } mounts[] = {
-	{ "proc", "/proc", "proc" },
-	{ "sysfs", "/sys", "sysfs" },
-	{ "devtmpfs", "/dev", "devtmpfs" },
-	{ "tmpfs", "/tmp", "tmpfs" },
-	{ "securityfs", "/sys/kernel/security", "securityfs" },
-	{ "tracefs", "/sys/kernel/tracing", "tracefs" },
-	{ "cgroup2", "/sys/fs/cgroup", "cgroup2" },
+	{ "proc", "/proc", "proc", false },
+	{ "sysfs", "/sys", "sysfs", false },
+	{ "devtmpfs", "/dev", "devtmpfs", false },
+	{ "tmpfs", "/tmp", "tmpfs", false },
+	{ "securityfs", "/sys/kernel/security", "securityfs", false },
+	{ "tracefs", "/sys/kernel/tracing", "tracefs", false },
+	{ "cgroup2", "/sys/fs/cgroup", "cgroup2", false },
+	{ "smackfs", "/sys/fs/smackfs", "smackfs", true },
+	{ "bpf", "/sys/fs/bpf", "bpf", true },
 };
 
 /* Mount what is not mounted yet; a failure is reported, not fatal. */
@@ -54,10 +59,13 @@ static void mount_all(void)
 
 	for (i = 0; i < sizeof(mounts) / sizeof(mounts[0]); i++) {
 		mkdir(mounts[i].target, 0755);
-		if (mount(mounts[i].source, mounts[i].target, mounts[i].type,
-			  0, NULL) && errno != EBUSY)
-			printf("lab-init: mount %s: %s\n", mounts[i].target,
-			       strerror(errno));
+		if (!mount(mounts[i].source, mounts[i].target, mounts[i].type,
+			   0, NULL) || errno == EBUSY)
+			continue;
+		if (mounts[i].optional && (errno == ENODEV || errno == ENOENT))
+			continue;
+		printf("lab-init: mount %s: %s\n", mounts[i].target,
+		       strerror(errno));
 	}
 }
 
@@ -100,6 +108,20 @@ static int cat_file(const char *path)
 		fwrite(buf, 1, n, stdout);
 	close(fd);
 	return n < 0 ? -errno : 0;
+}
+
+/* "<fstype> <target> [options]": mount fstype (as source too) on target. */
+static int mount_one(char *spec)
+{
+	char *type, *target, *options;
+
+	type = strtok(spec, " ");
+	target = strtok(NULL, " ");
+	options = strtok(NULL, "");
+	if (!type || !target)
+		return -EINVAL;
+	mkdir(target, 0755);
+	return mount(type, target, type, 0, options) ? -errno : 0;
 }
 
 static int run_program(char **argv, const char *cgroup)
@@ -156,6 +178,10 @@ static int serve(char *verb, char *rest)
 		ret = mkdir(rest, 0755) ? -errno : 0;
 	} else if (!strcmp(verb, "rmdir")) {
 		ret = rmdir(rest) ? -errno : 0;
+	} else if (!strcmp(verb, "mount")) {
+		ret = mount_one(rest);
+	} else if (!strcmp(verb, "umount")) {
+		ret = umount(rest) ? -errno : 0;
 	} else if (!strcmp(verb, "run") || !strcmp(verb, "runcg")) {
 		for (text = strtok(rest, " "); text && argc < ARGS_MAX;
 		     text = strtok(NULL, " "))

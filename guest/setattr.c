@@ -1,13 +1,17 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * setattr: call sched_setattr() on itself and report what happened.
+ * setattr: change its own scheduling policy and report what happened.
  *
- *   setattr --policy other|batch|idle|fifo|rr [--priority N] [--nice N]
- *           [--expect-errno NAME]
+ *   setattr --policy other|batch|idle|fifo|rr|deadline [--priority N]
+ *           [--nice N] [--runtime NS --deadline NS --period NS]
+ *           [--use setattr|setscheduler] [--expect-errno NAME]
+ *
+ * --use picks the syscall: sched_setattr() (default) or the older
+ * sched_setscheduler(), which only takes a policy and a priority.
  *
  * Diagnostics: pid, the policy before and after, the return value and
- * errno. --expect-errno adds a KTAP test; a successful call also checks
- * that the policy took effect.
+ * errno. --expect-errno adds two KTAP tests: the errno, and that the
+ * policy is the new one after a success and the old one after a failure.
  */
 #include "ktap.h"
 
@@ -35,6 +39,7 @@ static const struct {
 } policies[] = {
 	{ "other", SCHED_OTHER }, { "fifo", SCHED_FIFO }, { "rr", SCHED_RR },
 	{ "batch", SCHED_BATCH }, { "idle", SCHED_IDLE },
+	{ "deadline", 6 /* SCHED_DEADLINE */ },
 };
 
 static int policy_by_name(const char *name)
@@ -63,11 +68,16 @@ int main(int argc, char **argv)
 		{ "policy", required_argument, NULL, 'p' },
 		{ "priority", required_argument, NULL, 'P' },
 		{ "nice", required_argument, NULL, 'n' },
+		{ "runtime", required_argument, NULL, 'R' },
+		{ "deadline", required_argument, NULL, 'D' },
+		{ "period", required_argument, NULL, 'T' },
+		{ "use", required_argument, NULL, 'u' },
 		{ "expect-errno", required_argument, NULL, 'e' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct lab_sched_attr attr = { .size = sizeof(attr) };
-	const char *exp_errno = NULL;
+	const char *exp_errno = NULL, *use = "setattr";
+	struct sched_param param;
 	int opt, ret, err, policy = -1, before, after;
 	char why[128];
 
@@ -81,6 +91,18 @@ int main(int argc, char **argv)
 			break;
 		case 'n':
 			attr.sched_nice = atoi(optarg);
+			break;
+		case 'R':
+			attr.sched_runtime = strtoull(optarg, NULL, 10);
+			break;
+		case 'D':
+			attr.sched_deadline = strtoull(optarg, NULL, 10);
+			break;
+		case 'T':
+			attr.sched_period = strtoull(optarg, NULL, 10);
+			break;
+		case 'u':
+			use = optarg;
 			break;
 		case 'e':
 			exp_errno = optarg;
@@ -101,8 +123,17 @@ int main(int argc, char **argv)
 	before = sched_getscheduler(0);
 	ktap_diag("policy_before", "%s", policy_name(before));
 
-	ret = syscall(SYS_sched_setattr, 0, &attr, 0);
+	if (!strcmp(use, "setscheduler")) {
+		param.sched_priority = attr.sched_priority;
+		ret = sched_setscheduler(0, policy, &param);
+	} else if (!strcmp(use, "setattr")) {
+		ret = syscall(SYS_sched_setattr, 0, &attr, 0);
+	} else {
+		errno = EINVAL;
+		harness_fail("--use setattr|setscheduler");
+	}
 	err = ret ? errno : 0;
+	ktap_diag("syscall", "sched_%s", use);
 	ktap_diag("ret", "%d", ret);
 	ktap_diag("errno", "%s", errno_name(err));
 

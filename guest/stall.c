@@ -12,6 +12,7 @@ int main(int argc, char **argv)
 {
 	long seconds = argc > 1 ? atol(argv[1]) : -1;
 
+	ktap_diag("pid", "%d", getpid());
 	ktap_diag("stalling_for", "%ld", seconds);
 	while (seconds < 0 || seconds-- > 0)
 		sleep(1);

@@ -65,6 +65,10 @@ class Arch:
     affinity: AffinityRules
     setaffinity_entry: str = "__x64_sys_sched_setaffinity"
     cmdline: tuple[str, ...] = field(default=())
+    # Why CPU 1 cannot be taken offline on this machine ("" if it can).
+    no_cpu_hotplug: str = ""
+    # Why a BPF LSM cannot run on this arch ("" if it can).
+    no_bpf_lsm: str = ""
 
     @property
     def cc(self) -> str:
@@ -142,6 +146,11 @@ MIPS = Arch(
         ),
     ),
     setaffinity_entry="mipsmt_sys_sched_setaffinity",
+    no_cpu_hotplug=(
+        "Malta's MT SMP (vsmp) has no cpu_disable: taking CPU 1 offline oopses "
+        "in take_cpu_down (measured on 6.12)"
+    ),
+    no_bpf_lsm="MIPS has no BPF trampolines, which BPF LSM programs need",
 )
 
 ARCHES: dict[str, Arch] = {arch.name: arch for arch in (X86_64, MIPS)}

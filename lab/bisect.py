@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 GOOD, BAD, SKIP = 0, 1, 125
+# git bisect run stops at an exit status above 127: for the user's mistakes
+# (an unknown arch, a selection that matches no check), which would
+# otherwise skip every commit.
+ABORT = 128
 # Phases where a failure says nothing about the commit under test.
 LAB_PHASES = {"build", "setup", "accel"}
 
@@ -21,9 +25,13 @@ LAB_PHASES = {"build", "setup", "accel"}
 def verdict(pytest_status: int, summary: dict[str, Any] | None) -> tuple[int, str]:
     """git bisect's exit code for a run, and why."""
     if pytest_status == 2:
-        return SKIP, "interrupted, or pytest could not start"
-    if pytest_status in (3, 4):
-        return SKIP, f"pytest failed itself (exit {pytest_status})"
+        return ABORT, "interrupted, or pytest could not start"
+    if pytest_status == 4:
+        return ABORT, "usage error in the pytest arguments"
+    if pytest_status == 5:
+        return ABORT, "the selection matches no check (-m/-k)"
+    if pytest_status == 3:
+        return SKIP, "pytest failed itself (internal error)"
     if summary is None or not summary.get("checks"):
         return SKIP, "no check ran"
 

@@ -62,8 +62,29 @@ class LabCache:
         return self.root / "failed"
 
     def scratch_dir(self, name: str) -> Path:
-        """A fresh directory for one build; the caller removes it."""
-        return Path(tempfile.mkdtemp(prefix=f"{name}.", dir=self.root / "scratch"))
+        """A fresh directory for one build; the caller removes it. Its name
+        carries the owner's pid, so leftovers of a killed run can be told."""
+        prefix = f"{name}.{os.getpid()}."
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.root / "scratch"))
+
+    def remove_orphans(self) -> list[Path]:
+        """Remove scratch directories whose run is gone (killed, or a second
+        Ctrl-C while it cleaned up); returns what was removed."""
+        removed = []
+        for path in (self.root / "scratch").iterdir():
+            parts = path.name.rsplit(".", 2)
+            if len(parts) != 3 or not parts[1].isdigit():
+                continue
+            try:
+                os.kill(int(parts[1]), 0)
+                continue
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+        return removed
 
     @contextlib.contextmanager
     def lock(self, name: str, progress: Progress | None = None) -> Iterator[None]:
@@ -96,7 +117,7 @@ class LabCache:
         memo = self.read_memo()
         if memo_key not in memo:
             memo[memo_key] = file_sha256(path)
-            self.write_memo(memo)
+            self.remember(memo_key, memo[memo_key])
         return str(memo[memo_key])
 
     def read_memo(self) -> dict[str, object]:
@@ -109,7 +130,18 @@ class LabCache:
     def write_memo(self, memo: dict[str, object]) -> None:
         """Replace memo.json atomically, so a reader never sees half of it."""
         with self.lock("memo"):
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix="memo.")
-            with os.fdopen(fd, "w") as f:
-                json.dump(memo, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.root / "memo.json")
+            self._replace_memo(memo)
+
+    def remember(self, key: str, value: object) -> None:
+        """Add one entry to memo.json. The lock spans the read and the write:
+        two runs at once (pytest -n) must not drop each other's entries."""
+        with self.lock("memo"):
+            memo = self.read_memo()
+            memo[key] = value
+            self._replace_memo(memo)
+
+    def _replace_memo(self, memo: dict[str, object]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix="memo.")
+        with os.fdopen(fd, "w") as f:
+            json.dump(memo, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.root / "memo.json")

@@ -75,7 +75,13 @@ def run_program(
     cgroup: str | None = None,
     reports: list[KtapReport] | None = None,
 ) -> ProgramRun:
-    """Run a guest program and parse its KTAP; a harness failure raises."""
+    """Run a guest program and parse its KTAP; a harness failure raises.
+
+    `program` may carry its arguments ("affinity --mask 0-1"): no argument
+    of the lab's programs contains a space.
+    """
+    program, *inline = program.split()
+    args = (*inline, *args)
     result = guest.run(program, *args, cgroup=cgroup)
     ktap = parse_ktap(result.output)
     if reports is not None:
@@ -89,21 +95,37 @@ def run_program(
 
 
 class Cpuset:
-    """A child cpuset with the given CPUs, v2 (default) or v1 hierarchy."""
+    """A child cpuset with the given CPUs, in the v2 hierarchy or in a v1
+    (legacy) cpuset hierarchy mounted for it.
+
+    A v1 mount takes the cpuset controller away from cgroup v2 until the
+    guest reboots; the caller retires the guest afterwards.
+    """
 
     counter = 0
 
-    def __init__(self, guest: BootedGuest, cpus: str) -> None:
+    def __init__(self, guest: BootedGuest, cpus: str, version: int = 2) -> None:
         Cpuset.counter += 1
         self.guest = guest
         self.cpus = cpus
-        self.path = f"{CGROUP2}/lab{Cpuset.counter}"
+        self.version = version
+        root = CGROUP2 if version == 2 else CGROUP1_CPUSET
+        self.path = f"{root}/lab{Cpuset.counter}"
 
     def __enter__(self) -> Cpuset:
-        self.guest.write(f"{CGROUP2}/cgroup.subtree_control", "+cpuset")
-        self.guest.mkdir(self.path)
-        self.guest.write(f"{self.path}/cpuset.cpus", self.cpus)
-        effective = self.guest.cat(f"{self.path}/cpuset.cpus.effective").strip()
+        if self.version == 2:
+            self.guest.write(f"{CGROUP2}/cgroup.subtree_control", "+cpuset")
+            self.guest.mkdir(self.path)
+            self.guest.write(f"{self.path}/cpuset.cpus", self.cpus)
+            effective = self.guest.cat(f"{self.path}/cpuset.cpus.effective").strip()
+        else:
+            # The controller must leave the v2 hierarchy before v1 can have it.
+            self.guest.command("write", f"{CGROUP2}/cgroup.subtree_control", "-cpuset")
+            self.guest.mount("cgroup", CGROUP1_CPUSET, "cpuset")
+            self.guest.mkdir(self.path)
+            self.guest.write(f"{self.path}/cpuset.cpus", self.cpus)
+            self.guest.write(f"{self.path}/cpuset.mems", "0")
+            effective = self.guest.cat(f"{self.path}/cpuset.effective_cpus").strip()
         if effective != self.cpus:
             raise GuestError(
                 f"cpuset {self.path}: asked for cpus {self.cpus}, "
@@ -126,11 +148,22 @@ class HookRecord:
     comm: str
     mask: str  # CPU list, "none" for NULL, "empty" for an empty mask
     ret: int
+    # "none", or "policy:1,prio:99,..." with the sched_attr follow-up;
+    # "" from a test LSM that does not record attributes.
+    attr: str = ""
+
+    @property
+    def attrs(self) -> dict[str, int] | None:
+        """The recorded sched_attr fields, None when the hook got none."""
+        if self.attr in ("", "none"):
+            return None
+        fields = (kv.split(":", 1) for kv in self.attr.split(","))
+        return {key: int(value, 0) for key, value in fields}
 
 
 RECORD_RE = re.compile(
     r"seq=(?P<seq>\d+) caller=(?P<caller>-?\d+) target=(?P<target>-?\d+) "
-    r"comm=(?P<comm>.*?) mask=(?P<mask>\S+) ret=(?P<ret>-?\d+)$"
+    r"comm=(?P<comm>.*?) mask=(?P<mask>\S+)(?: attr=(?P<attr>\S+))? ret=(?P<ret>-?\d+)$"
 )
 
 
@@ -147,6 +180,7 @@ def parse_records(text: str) -> list[HookRecord]:
                     m["comm"],
                     m["mask"],
                     int(m["ret"]),
+                    m["attr"] or "",
                 )
             )
     return records
@@ -183,6 +217,20 @@ class TestLsm:
 
     def deny_cpus(self, cpus: str) -> None:
         self.guest.write(self.rule_path, f"deny_cpus {cpus}")
+
+    def require_attr(self) -> TestLsm:
+        """The kernel's hook must also take the sched_attr (the follow-up)."""
+        self.require()
+        if not self.kernel.hook_has_attr:
+            raise HookNotExpanded(
+                "hook not expanded: this kernel's security_task_setscheduler() takes "
+                f"no sched_attr ({self.kernel.source})"
+            )
+        return self
+
+    def deny_rt_above(self, priority: int) -> None:
+        """Refuse SCHED_FIFO/SCHED_RR above a priority (the follow-up)."""
+        self.guest.write(self.rule_path, f"deny_rt_above {priority}")
 
     def records(self, caller: int | None = None) -> list[HookRecord]:
         records = parse_records(self.guest.cat(self.log_path))

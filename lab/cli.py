@@ -9,6 +9,7 @@ lab bisect [--arch A]    a `git bisect run` step: 0 good, 1 bad, 125 skip
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import sys
@@ -19,7 +20,7 @@ from lab.cache import DEFAULT_CACHE, LabCache
 from lab.errors import LabError
 from lab.kbuild import DEFAULT_TARBALL, KernelSource, build_kernel, resolve_source
 from lab.progress import Progress
-from lab.qemu import kvm_precondition
+from lab.qemu import host_identity, kvm_precondition
 
 LAB_TESTS = Path(__file__).resolve().parent.parent / "tests"
 
@@ -64,11 +65,17 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     source = DEFAULT_TARBALL
     print(f"default source: {source} {'present' if source.exists() else 'MISSING'}")
     missing += not source.exists()
+    cache = LabCache(args.lab_cache)
+    memo = cache.read_memo()
     for arch in ARCHES.values():
         reason = kvm_precondition(arch)
-        verdict = reason or "possible; a probe boot decides (--lab-accel auto)"
+        probe = memo.get(f"kvm-probe:{host_identity(arch)}") if reason is None else None
+        if isinstance(probe, dict):
+            works = "works" if probe["works"] else "does not work"
+            verdict = f"{works} (cached probe: {probe['reason']})"
+        else:
+            verdict = reason or "possible; a probe boot decides (--lab-accel auto)"
         print(f"kvm for {arch.name}: {verdict}")
-    cache = LabCache(args.lab_cache)
     free = shutil.disk_usage(cache.root).free / 1024**3
     print(f"cache: {cache.root} ({free:.0f} GB free)")
     return 1 if missing else 0
@@ -93,27 +100,39 @@ def cmd_bisect(args: argparse.Namespace, rest: list[str]) -> int:
 
     from lab import bisect
 
-    results = args.lab_results.expanduser().resolve()
-    selection = f"{args.arch} and not vng"
+    # A mistake of the user's must stop the bisect, not skip every commit.
+    try:
+        get_arch(args.arch)
+    except UnknownArch as err:
+        print(f"lab bisect: {err}", file=sys.stderr)
+        return bisect.ABORT
+    cache = args.lab_cache.expanduser().resolve()
+    results = (args.lab_results or cache / "bisect-results").expanduser().resolve()
+    results.mkdir(parents=True, exist_ok=True)
+    selection = f"{args.arch} and not vng and not bisect and not selftest"
     argv = [
         str(LAB_TESTS / "lab"),
-        "-m",
-        selection,
-        "--kernel-tree",
-        str(args.kernel_tree),
-        "--lab-cache",
-        str(args.lab_cache),
-        "--lab-results",
-        str(results),
-        "-p",
-        "no:cacheprovider",
+        "-m", selection,
+        "--kernel-tree", str(args.kernel_tree.expanduser().resolve()),
+        "--lab-cache", str(cache),
+        "--lab-results", str(results),
+        "-p", "no:cacheprovider",
         *(["--lab-series", args.lab_series] if args.lab_series else []),
         *rest,
-    ]
+    ]  # fmt: skip
     print(f"lab bisect: pytest {' '.join(argv)}", file=sys.stderr)
-    status = int(pytest.main(argv))
+    # Run from the results directory: plugins that write into the working
+    # directory must not write into the user's tree.
+    here = Path.cwd()
+    os.chdir(results)
+    try:
+        status = int(pytest.main(argv))
+    finally:
+        os.chdir(here)
     code, why = bisect.verdict(status, bisect.read_summary(results))
-    word = {0: "good", 1: "bad", 125: "skip"}[code]
+    word = {bisect.GOOD: "good", bisect.BAD: "bad", bisect.SKIP: "skip"}.get(
+        code, "abort"
+    )
     print(f"lab bisect: {word} ({code}): {why}", file=sys.stderr)
     return code
 

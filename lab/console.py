@@ -92,6 +92,11 @@ class BootedGuest:
         except pexpect.ExceptionPexpect as err:
             raise BootError(f"could not start {self.argv[0]}: {err}") from err
         self.child.logfile_read = self._log_file
+        # pexpect sleeps 50 ms before every send (for programs that turn echo
+        # off late) and 100 ms after closing the pty; lab-init needs neither,
+        # and one check sends it ten commands or more.
+        self.child.delaybeforesend = None
+        self.child.ptyproc.delayafterclose = 0.0
         for line in self.startup:
             self.child.sendline(line)
 
@@ -115,6 +120,8 @@ class BootedGuest:
             try:
                 self.child.sendline(f"{self._take_id()} poweroff")
                 self.child.expect(pexpect.EOF, timeout=self.timeouts.poweroff)
+                # QEMU closed the console: it is exiting; reap it, do not kill.
+                self.child.wait()
             except (pexpect.TIMEOUT, OSError):
                 log.warning(
                     "power off: guest did not stop in %.0f s; killing QEMU",
@@ -230,6 +237,15 @@ class BootedGuest:
     def rmdir(self, path: str) -> None:
         self.command("rmdir", path)
 
+    def mount(self, fstype: str, target: str, options: str = "") -> None:
+        result = self.command("mount", fstype, target, *([options] if options else []))
+        if result.rc != 0:
+            why = result.output.strip()
+            raise GuestError(f"cannot mount {fstype} on {target} in the guest: {why}")
+
+    def umount(self, target: str) -> None:
+        self.command("umount", target)
+
     # -- internals -----------------------------------------------------
 
     def _take_id(self) -> int:
@@ -270,14 +286,22 @@ class BootedGuest:
             status = self.exit_status
             self.crashed = f"QEMU exited with status {status}"
             self.kill()
+            tail = tail_of(self.console_log, 40)
+            # QEMU says so when a signal ends it (exit status 0 all the same).
+            killed = patterns.QEMU_KILLED_RE.search(tail)
             # With -no-reboot, a guest that resets (a triple fault) makes
             # QEMU exit 0: the kernel's fault. Any other status is QEMU's.
-            how = "the guest reset or powered off" if status == 0 else "QEMU failed"
+            if killed:
+                how = f"QEMU was killed: {killed.group(0)}"
+            elif status == 0:
+                how = "the guest reset or powered off"
+            else:
+                how = "QEMU failed"
             raise error(
                 f"QEMU exited (status {status}: {how}) during {what}",
                 self.console_log,
-                tail_of(self.console_log, 40),
-                kernel_fault=status == 0,
+                tail,
+                kernel_fault=status == 0 and not killed,
             )
         self.crashed = f"no answer within {timeout:.0f} s"
         self.kill()

@@ -6,6 +6,7 @@ failure explains itself where it is reported.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -73,7 +74,10 @@ class AccelUnavailable(LabError):
 def tail_of(path: Path, lines: int = 30) -> str:
     """The last lines of a log, or an empty string when there is none."""
     try:
-        text = path.read_text(errors="replace")
+        # Bytes, not read_text(): universal newlines would turn \r\r\n into two.
+        text = path.read_bytes().decode(errors="replace")
     except OSError:
         return ""
+    # A console log has \r\r\n line ends (two ttys): one line each.
+    text = re.sub(r"\r+\n", "\n", text)
     return "\n".join(text.splitlines()[-lines:])

@@ -41,6 +41,11 @@ CRASHES: dict[str, bytes] = {
 WARNING = rb"WARNING: CPU: \d+ PID: \d+ at " + EOL
 
 CRASH_RES = {name: re.compile(pat) for name, pat in CRASHES.items()}
+
+# QEMU's own line when a signal ends it: the host's doing, not the guest's.
+QEMU_KILLED_RE = re.compile(
+    r"terminating on signal \d+(?: from pid \d+(?: \([^)]*\))?)?"
+)
 WARNING_RE = re.compile(WARNING)
 
 

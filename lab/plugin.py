@@ -19,10 +19,11 @@ from lab.arches import ARCHES, Arch, get_arch
 from lab.checks import HookNotExpanded
 from lab.console import CRLF_RE, BootedGuest
 from lab.errors import LabError
+from lab.guest import GuestBundle
 from lab.kbuild import DEFAULT_SERIES, DEFAULT_TARBALL, KernelImage, resolve_source
 from lab.ktap import KtapReport
 from lab.progress import Progress
-from lab.qemu import ACCELS
+from lab.qemu import ACCELS, AccelChoice
 from lab.report import CheckOutcome
 from lab.session import LAUNCHERS, LabOptions, LabRun
 
@@ -121,7 +122,29 @@ def options_from(config: pytest.Config) -> LabOptions:
         build_timeout=config.getoption("--lab-build-timeout"),
         boot_timeout=config.getoption("--lab-boot-timeout"),
         check_timeout=config.getoption("--lab-check-timeout"),
+        # Under pytest -n each worker has a run (and results dir) of its own.
+        run_label=getattr(config, "workerinput", {}).get("workerid", ""),
     )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_cmdline_main(
+    config: pytest.Config,
+) -> Generator[None, int | pytest.ExitCode, int | pytest.ExitCode]:
+    """`pytest -n N` without --dist: keep each arch's checks on one worker
+    (--dist loadgroup, by the xdist_group mark each arch's tests carry), so
+    that a worker boots only its own arches, once. A wrapper runs before
+    pytest-xdist, which would otherwise turn a bare -n into --dist load."""
+    if getattr(config.option, "numprocesses", None) and config.option.dist == "no":
+        config.option.dist = "loadgroup"
+    return (yield)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """Workers parse the command line again, which has no --dist: tell them
+    that the lab chose loadgroup (read in pytest_configure)."""
+    node.workerinput["lab_loadgroup"] = node.config.option.dist == "loadgroup"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -133,6 +156,16 @@ def pytest_configure(config: pytest.Config) -> None:
     )
     config.addinivalue_line("markers", "vng: tests of the virtme-ng launcher")
     config.addinivalue_line("markers", "bisect: the end-to-end git bisect run test")
+    config.addinivalue_line(
+        "markers",
+        "selftest: tests of the lab itself on a real guest (not of the kernel)",
+    )
+    if getattr(config, "workerinput", {}).get("lab_loadgroup"):
+        # pytest-xdist's worker reads this when it names tests by group.
+        config.option.loadgroup = True
+    if not config.pluginmanager.hasplugin("xdist"):
+        # pytest-xdist registers it when installed; without it, no warning.
+        config.addinivalue_line("markers", "xdist_group(name): pytest-xdist group")
     config.stash[OPTIONS_KEY] = options_from(config)
 
 
@@ -141,8 +174,17 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         return
     limit = metafunc.definition.get_closest_marker("arches")
     names = list(limit.args) if limit else list(ARCHES)
+    # xdist_group: under pytest -n, all checks of one arch share a worker.
     params = [
-        pytest.param(name, marks=[getattr(pytest.mark, name), pytest.mark.lab], id=name)
+        pytest.param(
+            name,
+            marks=[
+                getattr(pytest.mark, name),
+                pytest.mark.lab,
+                pytest.mark.xdist_group(name),
+            ],
+            id=name,
+        )
         for name in names
         if name in ARCHES
     ]
@@ -190,6 +232,18 @@ def kernel(lab_run: LabRun, lab_arch: str) -> KernelImage:
 
 
 @pytest.fixture
+def accel(lab_run: LabRun, lab_arch: str) -> AccelChoice:
+    """KVM or TCG for this arch (probed once per host, see lab/qemu.py)."""
+    return lab_run.accel(lab_arch)
+
+
+@pytest.fixture
+def guest_bundle(lab_run: LabRun, lab_arch: str) -> GuestBundle:
+    """The guest programs and initramfs of this arch."""
+    return lab_run.bundle(lab_arch)
+
+
+@pytest.fixture
 def ktap_reports(request: pytest.FixtureRequest) -> list[KtapReport]:
     """KTAP reports of the guest programs a test ran, for the JUnit XML."""
     reports: list[KtapReport] = []
@@ -220,6 +274,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         reporter = session.config.pluginmanager.getplugin("terminalreporter")
         if reporter is not None:
             reporter.write_line(f"[lab] results: {run.results.dir}")
+        workeroutput = getattr(session.config, "workeroutput", None)
+        if workeroutput is not None:
+            workeroutput["lab_results"] = str(run.results.dir)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """pytest -n: name each worker's results directory on the controller."""
+    results = getattr(node, "workeroutput", {}).get("lab_results")
+    reporter = node.config.pluginmanager.getplugin("terminalreporter")
+    if results and reporter is not None:
+        reporter.write_line(f"[lab] results ({node.gateway.id}): {results}")
 
 
 @pytest.hookimpl(hookwrapper=True)

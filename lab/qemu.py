@@ -192,9 +192,7 @@ def choose_accel(
         else:
             progress.phase(f"accel {arch.name}: probing KVM with a test boot")
             works, reason = probe_kvm(arch, image, initramfs)
-            memo = cache.read_memo()
-            memo[memo_key] = {"works": works, "reason": reason}
-            cache.write_memo(memo)
+            cache.remember(memo_key, {"works": works, "reason": reason})
 
     if works:
         return AccelChoice("kvm", reason)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from junit_xml import TestCase, TestSuite, to_xml_report_string
 
+from lab.errors import LabError
 from lab.ktap import KtapReport
 
 if TYPE_CHECKING:
@@ -59,6 +60,8 @@ class ArchReport:
     accel: str = ""
     accel_reason: str = ""
     boot_seconds: list[float] = field(default_factory=list)
+    # A build or setup failure that kept this arch from booting.
+    failure: str = ""
 
 
 class RunResults:
@@ -73,10 +76,11 @@ class RunResults:
         self.started = time.time()
 
     @classmethod
-    def create(cls, root: Path) -> RunResults:
+    def create(cls, root: Path, label: str = "") -> RunResults:
+        """A new results/<run-id>/; a label (an xdist worker: gw0) ends the id."""
         root = root.expanduser()
         root.mkdir(parents=True, exist_ok=True)
-        base = time.strftime("%Y%m%d-%H%M%S")
+        base = time.strftime("%Y%m%d-%H%M%S") + (f"-{label}" if label else "")
         # Two runs started in the same second get their own directories.
         for n in range(1000):
             run_id = base if n == 0 else f"{base}.{n}"
@@ -116,11 +120,11 @@ class RunResults:
             name = f"{stem}.{number}{dot}{ext}"
         return self.arch_dir(arch) / name
 
-    def add_kernel(self, arch: Arch, kernel: KernelImage) -> None:
+    def add_kernel(self, arch: Arch, kernel: KernelImage, source: str) -> None:
         report = self.arch_report(arch)
         report.release = kernel.release
         report.kernel_key = kernel.key
-        report.source = kernel.source
+        report.source = source
         report.commit = kernel.commit
         report.hook_expanded = kernel.hook_expanded
         report.test_lsm = kernel.test_lsm
@@ -130,6 +134,14 @@ class RunResults:
         for src, name in ((kernel.build_log, "build.log"), (kernel.config, "config")):
             if src.is_file():
                 (out / name).write_bytes(src.read_bytes())
+
+    def add_failure(self, arch: Arch, err: LabError) -> None:
+        """A build (or setup) failure: its message, and its log beside the run."""
+        report = self.arch_report(arch)
+        report.failure = f"[{err.phase}] {err.message}"
+        if err.log is not None and err.log.is_file():
+            name = "build.log" if err.phase == "build" else err.log.name
+            (self.arch_dir(arch) / name).write_bytes(err.log.read_bytes())
 
     def set_accel(self, arch: Arch, choice: AccelChoice) -> None:
         report = self.arch_report(arch)
@@ -146,7 +158,7 @@ class RunResults:
 
     # -- writing ---------------------------------------------------------
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, interrupted: bool = False) -> dict[str, Any]:
         counts: dict[str, int] = {}
         for check in self.checks:
             counts[check.outcome] = counts.get(check.outcome, 0) + 1
@@ -156,6 +168,7 @@ class RunResults:
                 "%Y-%m-%dT%H:%M:%S%z", time.localtime(self.started)
             ),
             "seconds": round(time.time() - self.started, 1),
+            "interrupted": interrupted,
             "counts": counts,
             "arches": {
                 name: {
@@ -165,8 +178,10 @@ class RunResults:
                     "commit": a.commit,
                     "hook_expanded": a.hook_expanded,
                     "test_lsm": a.test_lsm,
+                    # The entry's own build time; cached: this run built nothing.
                     "build_seconds": a.build_seconds,
                     "build_cached": a.build_cached,
+                    "failure": a.failure,
                     "accel": a.accel,
                     "accel_reason": a.accel_reason,
                     "boot_seconds": a.boot_seconds,
@@ -214,11 +229,10 @@ class RunResults:
             suites.append(TestSuite(f"kernel-lab.{arch}", cases, properties=properties))
         return suites
 
-    def finish(self) -> None:
+    def finish(self, interrupted: bool = False) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "summary.json").write_text(
-            json.dumps(self.summary(), indent=2) + "\n"
-        )
+        summary = self.summary(interrupted)
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         (self.dir / "junit.xml").write_text(to_xml_report_string(self.junit_suites()))
 
 

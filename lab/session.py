@@ -14,7 +14,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab import vng
+from lab import bpf, vng
 from lab.arches import Arch, get_arch
 from lab.cache import LabCache
 from lab.console import BootedGuest, Timeouts
@@ -53,6 +53,8 @@ class LabOptions:
     build_timeout: float = 3600.0
     boot_timeout: float = 60.0
     check_timeout: float = 30.0
+    # Ends the run id: the xdist worker (gw0) under pytest -n, else "".
+    run_label: str = ""
 
 
 @dataclass
@@ -76,7 +78,7 @@ class LabRun:
         self.options = options
         self.progress = progress or Progress()
         self.cache = LabCache(options.cache)
-        self.results = RunResults.create(options.results)
+        self.results = RunResults.create(options.results, options.run_label)
         self.source = options.source
         self.states: dict[str, ArchState] = {}
 
@@ -104,8 +106,9 @@ class LabRun:
                 )
             except LabError as err:
                 state.failure = err
+                self.results.add_failure(state.arch, err)
                 raise
-            self.results.add_kernel(state.arch, state.kernel)
+            self.results.add_kernel(state.arch, state.kernel, self.source.describe())
         return state.kernel
 
     def bundle(self, arch_name: str) -> GuestBundle:
@@ -164,10 +167,14 @@ class LabRun:
                 state.arch, kernel.image, bundle, state.accel.accel
             )
         else:
+            initrd = bundle.initramfs
+            if not state.arch.no_bpf_lsm and kernel.vmlinux_h is not None:
+                # The BPF programs are built for this kernel: a second archive.
+                initrd = bpf.boot_initrd(
+                    state.arch, kernel, initrd, self.cache, self.progress
+                )
             launch = vng.Launch(
-                qemu_argv(
-                    state.arch, kernel.image, bundle.initramfs, state.accel.accel
-                ),
+                qemu_argv(state.arch, kernel.image, initrd, state.accel.accel),
                 program_dir="/bin",
             )
         self.results.boot_file(state.arch, "qemu.cmd", number).write_text(
@@ -195,8 +202,17 @@ class LabRun:
         self.progress.phase(f"boot {state.arch.name}: up in {seconds:.1f} s")
         return guest
 
+    def retire_guest(self, arch_name: str) -> None:
+        """Power off the arch's guest: a check left it in a state the next
+        checks must not inherit (a cgroup v1 mount, an offline CPU)."""
+        state = self.state(arch_name)
+        if state.guest is not None:
+            state.guest.poweroff()
+            state.guest = None
+
     def close(self, kill: bool = False) -> None:
-        """Power off (or kill) every guest and write the run's summary."""
+        """Power off (or kill) every guest and write the run's summary;
+        kill is for an interrupted run."""
         for state in self.states.values():
             if state.guest is not None:
                 if kill:
@@ -204,4 +220,4 @@ class LabRun:
                 else:
                     state.guest.poweroff()
                 state.guest = None
-        self.results.finish()
+        self.results.finish(interrupted=kill)

@@ -35,19 +35,15 @@ def test_hook_sees_untruncated_mask_in_cpuset(
     (Cpus_allowed_list) says {0} on both."""
     lsm = TestLsm(guest, kernel).require()
     lsm.clear()
+    rule = arch.affinity
+    expect = (
+        f"--expect-errno {rule.partial_errno} --expect-affinity {rule.partial_affinity}"
+    )
 
     with Cpuset(guest, cpus="0") as cpuset:
         run = run_program(
             guest,
-            "affinity",
-            "--mask",
-            "0-1",
-            "--expect-errno",
-            arch.affinity.partial_errno,
-            "--expect-affinity",
-            arch.affinity.partial_affinity,
-            "--expect-ran-on",
-            "0",
+            f"affinity --mask 0-1 {expect} --expect-ran-on 0",
             cgroup=cpuset.path,
             reports=ktap_reports,
         )
@@ -56,10 +52,8 @@ def test_hook_sees_untruncated_mask_in_cpuset(
     assert run.fact("status_cpus_allowed") == "0"
     # Joining the cpuset is checked by the hook too, without a mask.
     calls = lsm.records(caller=run.pid)
-    assert [(c.target, c.mask) for c in calls] == [
-        (run.pid, "none"),
-        (run.pid, "0-1"),
-    ], calls
+    expected = [(run.pid, "none"), (run.pid, "0-1")]
+    assert [(c.target, c.mask) for c in calls] == expected, calls
 
 
 def test_mask_outside_cpuset_follows_arch_rule_and_hook_sees_it(
@@ -72,17 +66,15 @@ def test_mask_outside_cpuset_follows_arch_rule_and_hook_sees_it(
     whole cpuset and returns 0. On both, the hook saw {1}."""
     lsm = TestLsm(guest, kernel).require()
     lsm.clear()
+    rule = arch.affinity
+    expect = (
+        f"--expect-errno {rule.outside_errno} --expect-affinity {rule.outside_affinity}"
+    )
 
     with Cpuset(guest, cpus="0") as cpuset:
         run = run_program(
             guest,
-            "affinity",
-            "--mask",
-            "1",
-            "--expect-errno",
-            arch.affinity.outside_errno,
-            "--expect-affinity",
-            arch.affinity.outside_affinity,
+            f"affinity --mask 1 {expect}",
             cgroup=cpuset.path,
             reports=ktap_reports,
         )
@@ -103,13 +95,7 @@ def test_lsm_deny_rule_refuses_mask_and_keeps_affinity(
     try:
         run = run_program(
             guest,
-            "affinity",
-            "--mask",
-            "0-1",
-            "--expect-errno",
-            "EACCES",
-            "--expect-affinity",
-            "unchanged",
+            "affinity --mask 0-1 --expect-errno EACCES --expect-affinity unchanged",
             reports=ktap_reports,
         )
     finally:
@@ -130,13 +116,7 @@ def test_same_call_succeeds_without_deny_rule(
 
     run = run_program(
         guest,
-        "affinity",
-        "--mask",
-        "0-1",
-        "--expect-errno",
-        "0",
-        "--expect-affinity",
-        "0-1",
+        "affinity --mask 0-1 --expect-errno 0 --expect-affinity 0-1",
         reports=ktap_reports,
     )
 
@@ -154,13 +134,7 @@ def test_sched_setattr_reaches_hook_without_mask(
     lsm.clear()
 
     run = run_program(
-        guest,
-        "setattr",
-        "--policy",
-        "batch",
-        "--expect-errno",
-        "0",
-        reports=ktap_reports,
+        guest, "setattr --policy batch --expect-errno 0", reports=ktap_reports
     )
 
     run.assert_ok()
@@ -176,7 +150,7 @@ def test_kprobe_witness_sees_requested_mask_word(
     its first word is {0,1} (0x3), not the cpuset's {0} (0x1)."""
     with KprobeWitness(guest, arch, kernel) as probe, Cpuset(guest, cpus="0") as cpuset:
         run = run_program(
-            guest, "affinity", "--mask", "0-1", cgroup=cpuset.path, reports=ktap_reports
+            guest, "affinity --mask 0-1", cgroup=cpuset.path, reports=ktap_reports
         )
         hits = probe.hits(pid=run.pid)
 
@@ -205,7 +179,7 @@ def test_affinity_syscall_path_of_the_arch_reaches_hook_with_mask(
         guest, arch, kernel, function=arch.setaffinity_entry, event="entry"
     )
     with entry, KprobeWitness(guest, arch, kernel) as hook:
-        run = run_program(guest, "affinity", "--mask", "0-1", reports=ktap_reports)
+        run = run_program(guest, "affinity --mask 0-1", reports=ktap_reports)
         entered = entry.hits(pid=run.pid)
         hooked = hook.hits(pid=run.pid)
 

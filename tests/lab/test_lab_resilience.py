@@ -6,14 +6,16 @@ from __future__ import annotations
 import pytest
 
 from lab.checks import run_program
+from lab.console import BootedGuest
 from lab.errors import GuestError
 from lab.session import LabRun
 
+pytestmark = pytest.mark.selftest
+
 
 def test_guest_panic_fails_with_console_tail_then_next_check_boots_afresh(
-    lab_run: LabRun, lab_arch: str
+    lab_run: LabRun, lab_arch: str, guest: BootedGuest
 ) -> None:
-    guest = lab_run.guest(lab_arch)
     boots = len(lab_run.state(lab_arch).boots)
 
     with pytest.raises(GuestError) as caught:
@@ -32,9 +34,8 @@ def test_guest_panic_fails_with_console_tail_then_next_check_boots_afresh(
 
 
 def test_guest_hang_is_detected_then_next_check_boots_afresh(
-    lab_run: LabRun, lab_arch: str
+    lab_run: LabRun, lab_arch: str, guest: BootedGuest
 ) -> None:
-    guest = lab_run.guest(lab_arch)
 
     with pytest.raises(GuestError) as caught:
         guest.command("run", guest.program("stall"), timeout=3)

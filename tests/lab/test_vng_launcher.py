@@ -10,17 +10,23 @@ from lab import vng
 from lab.arches import Arch
 from lab.checks import run_program
 from lab.console import BootedGuest
+from lab.guest import GuestBundle
 from lab.kbuild import KernelImage
+from lab.qemu import AccelChoice
 from lab.session import LabRun
 
 pytestmark = [pytest.mark.vng, pytest.mark.arches("x86_64")]
 
 
-def test_vng_passes_guest_exit_status_back(
-    lab_run: LabRun, kernel: KernelImage, arch: Arch, lab_arch: str
-) -> None:
-    accel = lab_run.accel(lab_arch)
+@pytest.fixture
+def vng_binary() -> str:
+    """vng itself: a missing vng is a setup error, not a failed check."""
+    return vng.vng_binary()
 
+
+def test_vng_passes_guest_exit_status_back(
+    vng_binary: str, kernel: KernelImage, arch: Arch, accel: AccelChoice
+) -> None:
     done = vng.run_once(
         arch, kernel.image, accel.accel, "uname -r; nproc; exit 3", timeout=180
     )
@@ -32,33 +38,26 @@ def test_vng_passes_guest_exit_status_back(
 
 
 def test_vng_session_runs_affinity_check_like_plain_qemu(
-    lab_run: LabRun, kernel: KernelImage, arch: Arch, lab_arch: str
+    vng_binary: str,
+    lab_run: LabRun,
+    lab_arch: str,
+    kernel: KernelImage,
+    arch: Arch,
+    accel: AccelChoice,
+    guest_bundle: GuestBundle,
 ) -> None:
-    accel = lab_run.accel(lab_arch)
-    bundle = lab_run.bundle(lab_arch)
-    launch = vng.session_launch(arch, kernel.image, bundle, accel.accel)
+    launch = vng.session_launch(arch, kernel.image, guest_bundle, accel.accel)
     console_log = lab_run.results.arch_dir(arch) / "console.vng.log"
+    timeouts = lab_run.timeouts(lab_run.state(lab_arch))
     guest = BootedGuest(
-        launch.argv,
-        console_log,
-        launch.program_dir,
-        lab_run.timeouts(lab_run.state(lab_arch)),
-        env=launch.env,
+        launch.argv, console_log, launch.program_dir, timeouts, env=launch.env
     )
     try:
         guest.boot()
         assert guest.release == kernel.release
         run = run_program(
             guest,
-            "affinity",
-            "--mask",
-            "0",
-            "--expect-errno",
-            "0",
-            "--expect-affinity",
-            "0",
-            "--expect-ran-on",
-            "0",
+            "affinity --mask 0 --expect-errno 0 --expect-affinity 0 --expect-ran-on 0",
         )
         run.assert_ok()
     finally:

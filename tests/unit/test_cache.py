@@ -67,3 +67,17 @@ def test_memo_file_hash_is_the_sha256_and_follows_changes(tmp_path: Path) -> Non
 
     assert cache.memo_file_hash(tarball) == hashlib.sha256(b"two, longer").hexdigest()
     assert file_sha256(tarball) == hashlib.sha256(b"two, longer").hexdigest()
+
+
+def test_remember_keeps_what_another_run_wrote_meanwhile(tmp_path: Path) -> None:
+    mine, theirs = LabCache(tmp_path), LabCache(tmp_path)
+    stale = mine.read_memo()
+
+    theirs.remember("kvm-probe:x86_64", {"works": False, "reason": "hang"})
+    mine.remember("sha256:/src.tar.xz", "abc")
+
+    assert stale == {}
+    assert mine.read_memo() == {
+        "kvm-probe:x86_64": {"works": False, "reason": "hang"},
+        "sha256:/src.tar.xz": "abc",
+    }

@@ -217,3 +217,52 @@ def test_crash(lab_arch):
         ]
     )
     result.stdout.no_fnmatch_line("*Traceback*")
+
+
+def test_each_arch_is_one_xdist_group(
+    pytester: pytest.Pytester, second_arch: str
+) -> None:
+    pytester.makepyfile(test_sandbox_arch=ARCH_TEST)
+    pytester.makeconftest(
+        """
+def pytest_collection_modifyitems(items):
+    for item in items:
+        group = item.get_closest_marker("xdist_group").args[0]
+        print(f"GROUP {item.name} {group}")
+"""
+    )
+
+    result = run(pytester, "--collect-only", "-q", "-s")
+
+    result.stdout.fnmatch_lines(
+        ["GROUP test_boots[[]x86_64[]] x86_64", "GROUP test_boots[[]mips[]] mips"]
+    )
+
+
+def test_bare_n_distributes_by_arch_group(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("xdist")
+    pytester.makeconftest(
+        """
+def pytest_configure(config):
+    print(f"DIST {config.option.dist}")
+"""
+    )
+
+    result = run(pytester, "--collect-only", "-q", "-s", "-n", "2")
+    explicit = run(pytester, "--collect-only", "-q", "-s", "-n", "2", "--dist", "load")
+
+    result.stdout.fnmatch_lines(["DIST loadgroup"])
+    explicit.stdout.fnmatch_lines(["DIST load"])
+
+
+def test_n_2_workers_name_each_test_by_its_arch_group(
+    pytester: pytest.Pytester,
+) -> None:
+    pytest.importorskip("xdist")
+    pytester.makepyfile(test_sandbox_arch=ARCH_TEST)
+
+    result = run(pytester, "-n", "2", "-v")
+
+    assert result.ret == 0
+    for name in ARCHES:
+        result.stdout.fnmatch_lines([f"*PASSED*test_boots[[]{name}[]]@{name}*"])

@@ -45,7 +45,7 @@ def kernel(tmp_path: Path) -> KernelImage:
 def results(tmp_path: Path, kernel: KernelImage) -> RunResults:
     """A finished run: a kernel, two boots and four checks, one per outcome."""
     results = RunResults.create(tmp_path / "results")
-    results.add_kernel(X86_64, kernel)
+    results.add_kernel(X86_64, kernel, kernel.source)
     results.set_accel(X86_64, AccelChoice("tcg", "/dev/kvm does not exist"))
     results.add_boot(X86_64, 4.2345, "6.12.118")
     results.add_boot(X86_64, 3.9, "6.12.118")
@@ -211,3 +211,12 @@ def test_runs_in_the_same_second_get_their_own_dirs(tmp_path: Path) -> None:
     assert first.dir != second.dir
     assert first.dir.is_dir() and second.dir.is_dir()
     assert (tmp_path / "latest").resolve() == second.dir.resolve()
+
+
+def test_xdist_workers_runs_are_named_by_worker(tmp_path: Path) -> None:
+    gw0 = RunResults.create(tmp_path, "gw0")
+    gw1 = RunResults.create(tmp_path, "gw1")
+    again = RunResults.create(tmp_path, "gw0")
+
+    assert gw0.run_id.endswith("-gw0") and gw1.run_id.endswith("-gw1")
+    assert len({gw0.dir, gw1.dir, again.dir}) == 3
