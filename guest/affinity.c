@@ -11,6 +11,9 @@
  * process, or a thread of this process (by its TID). --size passes that
  * cpusetsize to the raw syscall (default: the size of cpu_set_t), and
  * --beyond sets one more bit far past the kernel's CPUs in the buffer.
+ * The buffer is an array of longs, as cpu_set_t and the kernel's cpumask
+ * are: on a big-endian arch its first byte holds the highest CPUs of the
+ * first long, so a short --size keeps different CPUs than on x86_64.
  * --target-label gives the child a Smack label before the call, and makes
  * this task give up CAP_MAC_OVERRIDE and CAP_MAC_ADMIN first, so that
  * Smack's rules apply to it as to any unprivileged task.
@@ -34,6 +37,7 @@
 
 #define SPIN_ROUNDS 20000
 #define BUF_BYTES 128
+#define LONG_BITS (8 * sizeof(long))
 
 /* The CPUs this task runs on over a number of yields. */
 static void observe_cpus(cpu_set_t *seen)
@@ -174,7 +178,8 @@ int main(int argc, char **argv)
 	};
 	const char *mask = NULL, *exp_errno = NULL, *exp_aff = NULL;
 	const char *exp_ran = NULL, *target_kind = "self", *label = NULL;
-	unsigned char buf_mask[BUF_BYTES] = { 0 };
+	/* Longs, as the kernel's cpumask: bit order follows the arch's. */
+	unsigned long buf_mask[BUF_BYTES / sizeof(long)] = { 0 };
 	cpu_set_t request, before, after, seen;
 	long size = sizeof(cpu_set_t), beyond = -1;
 	char buf[256], why[320];
@@ -244,9 +249,9 @@ int main(int argc, char **argv)
 	/* The raw syscall, so that any cpusetsize reaches the kernel. */
 	for (cpu = 0; cpu < CPU_SETSIZE && cpu < BUF_BYTES * 8; cpu++)
 		if (CPU_ISSET(cpu, &request))
-			buf_mask[cpu / 8] |= 1 << (cpu % 8);
+			buf_mask[cpu / LONG_BITS] |= 1UL << (cpu % LONG_BITS);
 	if (beyond >= 0)
-		buf_mask[beyond / 8] |= 1 << (beyond % 8);
+		buf_mask[beyond / LONG_BITS] |= 1UL << (beyond % LONG_BITS);
 	ret = syscall(SYS_sched_setaffinity, target, size, buf_mask);
 	err = ret ? errno : 0;
 	ktap_diag("ret", "%d", ret);

@@ -25,6 +25,11 @@ class AffinityRules:
     # Mask entirely outside the cpuset ({1} with cpuset.cpus=0).
     outside_errno: str
     outside_affinity: str
+    # {0,1} passed with a cpusetsize of one byte: what the kernel reads
+    # (the first byte of the first long: CPUs 0-7 little-endian, 24-31 on
+    # a 32-bit big-endian arch) and what the call returns.
+    one_byte_mask: str = "0-1"
+    one_byte_errno: str = "0"
     note: str = ""
 
 
@@ -137,6 +142,8 @@ MIPS = Arch(
         partial_affinity="0-1",
         outside_errno="0",
         outside_affinity="0-1",
+        one_byte_mask="empty",
+        one_byte_errno="EINVAL",
         note=(
             "MIPS_MT_FPAFF: mipsmt_sys_sched_setaffinity() applies the request, "
             "then resets the task to the whole cpuset when the request is not a "

@@ -61,19 +61,25 @@ def test_thread_affinity_by_tid_hook_gets_the_thread(
 
 
 def test_cpusetsize_shorter_than_kernel_mask_hook_sees_the_bytes_given(
-    guest: BootedGuest, kernel: KernelImage, ktap_reports: list[KtapReport]
+    guest: BootedGuest, kernel: KernelImage, arch: Arch, ktap_reports: list[KtapReport]
 ) -> None:
-    """cpusetsize of 1 byte (less than the kernel's cpumask): the kernel
-    zero-fills the rest, and the hook sees {0,1} from that one byte."""
+    """{0,1} with a cpusetsize of 1 byte, less than the kernel's cpumask:
+    the kernel copies that byte and zero-fills the rest, and the hook sees
+    exactly what the byte holds. The arches differ by byte order: on
+    x86_64 the first byte holds CPUs 0-7, so the hook sees {0,1} and the
+    call succeeds; on 32-bit big-endian MIPS it holds CPUs 24-31 of the
+    first long, so the hook sees an empty mask and the call fails."""
     lsm = TestLsm(guest, kernel).require()
     lsm.clear()
+    expect = f"--expect-errno {arch.affinity.one_byte_errno}"
 
     run = run_program(
-        guest, "affinity --mask 0-1 --size 1 --expect-errno 0", reports=ktap_reports
+        guest, f"affinity --mask 0-1 --size 1 {expect}", reports=ktap_reports
     )
 
     run.assert_ok()
-    assert [c.mask for c in lsm.records(caller=run.pid)] == ["0-1"]
+    masks = [c.mask for c in lsm.records(caller=run.pid)]
+    assert masks == [arch.affinity.one_byte_mask], masks
 
 
 def test_cpusetsize_longer_than_kernel_mask_hook_sees_no_bits_past_it(
