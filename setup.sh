@@ -9,6 +9,8 @@ APT_PACKAGES=(
 	# kernel source and build
 	linux-source-6.12 build-essential flex bison bc libelf-dev libssl-dev
 	cpio ccache lz4 xz-utils patch git kmod
+	# SELinux: checkpolicy compiles the dummy policy of the stock-LSM checks
+	checkpolicy
 	# virtme-ng: its guest init needs udevd for the script I/O ports
 	udev
 	# BTF for the BPF LSM: pahole, bpftool, clang, static libbpf

@@ -4,6 +4,8 @@ Layout under the cache root (default ~/.cache/kernel-lab, --lab-cache):
 
     kernels/<arch>-<key>/   finished kernel builds (manifest.json last)
     guest/<arch>-<key>/     guest programs and initramfs
+    bpf/<arch>-<key>/       BPF programs and loader built for one kernel
+    selinux/<arch>-<key>/   the dummy SELinux policy for one kernel
     scratch/                builds in progress (removed when they end)
     failed/                 build logs of failed builds
     locks/                  one lock file per key
