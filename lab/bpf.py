@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import logging
 import os
 import shlex
@@ -124,57 +123,30 @@ def build_bpf(
     tools = _tool_versions(arch, cache)
     sources = {p.name: p.read_bytes() for p in bpf_sources()}
     name = f"{arch.name}-{bpf_key(kernel.key, sources, tools)}"
-    root = cache.root / "bpf"
-    root.mkdir(exist_ok=True)
-    entry = root / name
+    vmlinux_h = kernel.vmlinux_h
 
-    with cache.lock(f"bpf-{name}"):
-        if not (entry / "manifest.json").is_file():
-            _build_entry(arch, kernel, cache, progress, name, entry, tools)
-    return entry / "bpf.cpio.gz"
-
-
-def _build_entry(
-    arch: Arch,
-    kernel: KernelImage,
-    cache: LabCache,
-    progress: Progress,
-    name: str,
-    entry: Path,
-    tools: list[str],
-) -> None:
-    progress.phase(f"pack {arch.name}: compiling BPF programs for {kernel.release}")
-    started = time.monotonic()
-    scratch = cache.scratch_dir(f"bpf-{name}")
-    try:
+    def fill(scratch: Path) -> dict[str, object]:
+        progress.phase(f"pack {arch.name}: compiling BPF programs for {kernel.release}")
+        started = time.monotonic()
         bin_dir = scratch / "bin"
         bin_dir.mkdir()
-        assert kernel.vmlinux_h is not None
         for src in sorted(BPF_SRC.glob("*.bpf.c")):
-            _compile_object(arch, src, kernel.vmlinux_h.parent, bin_dir)
+            _compile_object(arch, src, vmlinux_h.parent, bin_dir)
         for src in sorted(set(BPF_SRC.glob("*.c")) - set(BPF_SRC.glob("*.bpf.c"))):
             _compile_loader(arch, src, bin_dir)
         with gzip.GzipFile(scratch / "bpf.cpio.gz", "wb", mtime=0) as f:
             f.write(bpf_archive(bin_dir))
-        manifest = {
+        log.info(
+            "pack %s: BPF programs in %.1f s", arch.name, time.monotonic() - started
+        )
+        return {
             "arch": arch.name,
             "kernel_key": kernel.key,
             "tools": tools,
             "programs": sorted(p.name for p in bin_dir.iterdir()),
         }
-        # Written last: an entry without it is incomplete.
-        (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if entry.exists():
-            shutil.rmtree(entry)
-        os.rename(scratch, entry)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    log.info(
-        "pack %s: BPF programs in %.1f s (%s)",
-        arch.name,
-        time.monotonic() - started,
-        entry,
-    )
+
+    return cache.entry("bpf", name, fill) / "bpf.cpio.gz"
 
 
 def _tool_versions(arch: Arch, cache: LabCache) -> list[str]:

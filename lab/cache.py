@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lab.errors import BuildError
@@ -68,6 +68,31 @@ class LabCache:
         carries the owner's pid, so leftovers of a killed run can be told."""
         prefix = f"{name}.{os.getpid()}."
         return Path(tempfile.mkdtemp(prefix=prefix, dir=self.root / "scratch"))
+
+    def entry(
+        self, kind: str, name: str, fill: Callable[[Path], dict[str, object]]
+    ) -> Path:
+        """The cache entry <kind>/<name>, made by fill(scratch) when missing.
+
+        fill writes the entry's files into a scratch directory and returns
+        its manifest; the manifest is written last and the directory renamed
+        into place under the key's lock, so a crash leaves no half entry.
+        """
+        entry = self.root / kind / name
+        with self.lock(f"{kind}-{name}"):
+            if (entry / "manifest.json").is_file():
+                return entry
+            scratch = self.scratch_dir(f"{kind}-{name}")
+            try:
+                manifest = fill(scratch)
+                (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2))
+                if entry.exists():
+                    shutil.rmtree(entry)
+                entry.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(scratch, entry)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        return entry
 
     def remove_orphans(self) -> list[Path]:
         """Remove scratch directories whose run is gone (killed, or a second

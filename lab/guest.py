@@ -11,9 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
-import json
 import logging
-import os
 import shlex
 import shutil
 import subprocess
@@ -70,24 +68,14 @@ def build_guest(arch: Arch, cache: LabCache, progress: Progress) -> GuestBundle:
             f"guest compiler {arch.guest_cc} not found; install: "
             f"apt-get install {' '.join(arch.packages)}"
         )
-    name = f"{arch.name}-{guest_key(arch)}"
-    entry = cache.guest_dir / name
-    with cache.lock(f"guest-{name}"):
-        if not (entry / "manifest.json").is_file():
-            progress.phase(f"pack {arch.name}: compiling guest programs")
-            scratch = cache.scratch_dir(f"guest-{name}")
-            try:
-                _compile_all(arch, scratch / "bin")
-                _write_initramfs(scratch / "bin", scratch / "initramfs.cpio.gz")
-                programs = sorted(p.name for p in (scratch / "bin").iterdir())
-                (scratch / "manifest.json").write_text(
-                    json.dumps({"programs": programs})
-                )
-                if entry.exists():
-                    shutil.rmtree(entry)
-                os.rename(scratch, entry)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+
+    def fill(scratch: Path) -> dict[str, object]:
+        progress.phase(f"pack {arch.name}: compiling guest programs")
+        _compile_all(arch, scratch / "bin")
+        _write_initramfs(scratch / "bin", scratch / "initramfs.cpio.gz")
+        return {"programs": sorted(p.name for p in (scratch / "bin").iterdir())}
+
+    entry = cache.entry("guest", f"{arch.name}-{guest_key(arch)}", fill)
     return GuestBundle(arch.name, entry, entry / "initramfs.cpio.gz")
 
 

@@ -12,7 +12,6 @@ import gzip
 import hashlib
 import json
 import logging
-import os
 import re
 import shlex
 import shutil
@@ -200,13 +199,11 @@ def build_policy(
         )
     tools = _tool_versions()
     name = f"{arch.name}-{policy_key(kernel.key, tools)}"
-    root = cache.root / "selinux"
-    root.mkdir(exist_ok=True)
-    entry = root / name
-
-    with cache.lock(f"selinux-{name}"):
-        if not (entry / "manifest.json").is_file():
-            _build_entry(arch, kernel, source, cache, progress, name, entry, tools)
+    entry = cache.entry(
+        "selinux",
+        name,
+        lambda scratch: _fill(arch, kernel, source, progress, tools, scratch),
+    )
     manifest = json.loads((entry / "manifest.json").read_text())
     return SelinuxPolicy(
         arch.name,
@@ -242,77 +239,60 @@ def boot_initrd(
     return out
 
 
-def _build_entry(
+def _fill(
     arch: Arch,
     kernel: KernelImage,
     source: KernelSource,
-    cache: LabCache,
     progress: Progress,
-    name: str,
-    entry: Path,
     tools: list[str],
-) -> None:
+    scratch: Path,
+) -> dict[str, object]:
+    """Build the policy into scratch; returns the entry's manifest."""
     progress.phase(f"pack {arch.name}: dummy SELinux policy for {kernel.release}")
     started = time.monotonic()
-    scratch = cache.scratch_dir(f"selinux-{name}")
-    try:
-        tree = scratch / "tree"
-        _copy_mdp_sources(source, tree)
-        generated = tree / "include" / "generated"
-        generated.mkdir(parents=True, exist_ok=True)
-        (generated / "autoconf.h").write_text(
-            autoconf_header(kernel.config.read_text())
-        )
+    tree = scratch / "tree"
+    _copy_mdp_sources(source, tree)
+    generated = tree / "include" / "generated"
+    generated.mkdir(parents=True, exist_ok=True)
+    (generated / "autoconf.h").write_text(autoconf_header(kernel.config.read_text()))
 
-        mdp = scratch / "mdp"
-        _run(
-            [HOST_CC, *MDP_CFLAGS, "-o", str(mdp), "scripts/selinux/mdp/mdp.c"],
-            "mdp (make dummy policy) did not build",
-            cwd=tree,
-        )
-        conf = scratch / "policy.conf"
-        _run(
-            [str(mdp), str(conf), str(scratch / "file_contexts")],
-            "mdp did not write a policy",
-        )
-        version = min(
-            kernel_policy_max((tree / SECURITY_H).read_text()),
-            checkpolicy_max(tools[1]),
-        )
-        dropped = _compile_policy(conf, scratch / "policy.bin", version)
-        if dropped:
-            progress.warn(
-                f"pack {arch.name}: {CHECKPOLICY} does not know the kernel's policy "
-                f"capabilities {', '.join(dropped)}; the policy leaves them out "
-                "(the kernel keeps their older behaviour)"
-            )
-        with gzip.GzipFile(scratch / "selinux.cpio.gz", "wb", mtime=0) as f:
-            f.write(policy_archive((scratch / "policy.bin").read_bytes()))
-
-        shutil.rmtree(tree)
-        mdp.unlink()
-        manifest = {
-            "arch": arch.name,
-            "kernel_key": kernel.key,
-            "source": source.describe(),
-            "tools": tools,
-            "policy_version": version,
-            "dropped_policycaps": dropped,
-            "guest_path": GUEST_POLICY,
-        }
-        # Written last: an entry without it is incomplete.
-        (scratch / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if entry.exists():
-            shutil.rmtree(entry)
-        os.rename(scratch, entry)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    log.info(
-        "pack %s: SELinux policy in %.1f s (%s)",
-        arch.name,
-        time.monotonic() - started,
-        entry,
+    mdp = scratch / "mdp"
+    _run(
+        [HOST_CC, *MDP_CFLAGS, "-o", str(mdp), "scripts/selinux/mdp/mdp.c"],
+        "mdp (make dummy policy) did not build",
+        cwd=tree,
     )
+    conf = scratch / "policy.conf"
+    _run(
+        [str(mdp), str(conf), str(scratch / "file_contexts")],
+        "mdp did not write a policy",
+    )
+    version = min(
+        kernel_policy_max((tree / SECURITY_H).read_text()),
+        checkpolicy_max(tools[1]),
+    )
+    dropped = _compile_policy(conf, scratch / "policy.bin", version)
+    if dropped:
+        progress.warn(
+            f"pack {arch.name}: {CHECKPOLICY} does not know the kernel's policy "
+            f"capabilities {', '.join(dropped)}; the policy leaves them out "
+            "(the kernel keeps their older behaviour)"
+        )
+    with gzip.GzipFile(scratch / "selinux.cpio.gz", "wb", mtime=0) as f:
+        f.write(policy_archive((scratch / "policy.bin").read_bytes()))
+
+    shutil.rmtree(tree)
+    mdp.unlink()
+    log.info("pack %s: SELinux policy in %.1f s", arch.name, time.monotonic() - started)
+    return {
+        "arch": arch.name,
+        "kernel_key": kernel.key,
+        "source": source.describe(),
+        "tools": tools,
+        "policy_version": version,
+        "dropped_policycaps": dropped,
+        "guest_path": GUEST_POLICY,
+    }
 
 
 def _copy_mdp_sources(source: KernelSource, tree: Path) -> None:
