@@ -227,7 +227,8 @@ def test_cpuset_v1_hook_sees_untruncated_mask(
             )
         calls = lsm.records(caller=run.pid)
     finally:
-        # The v1 mount keeps the controller from cgroup v2: start afresh.
+        # The v1 hierarchy lingers after umount (its dying child cgroup
+        # keeps it), holding the cpuset controller from v2: start afresh.
         lab_run.retire_guest(lab_arch)
 
     run.assert_ok()
