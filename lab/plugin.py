@@ -157,6 +157,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vng: tests of the virtme-ng launcher")
     config.addinivalue_line("markers", "bisect: the end-to-end git bisect run test")
     config.addinivalue_line(
+        "markers", "dirties_guest: the check leaves its guest unusable; run it last"
+    )
+    config.addinivalue_line(
         "markers",
         "selftest: tests of the lab itself on a real guest (not of the kernel)",
     )
@@ -167,6 +170,12 @@ def pytest_configure(config: pytest.Config) -> None:
         # pytest-xdist registers it when installed; without it, no warning.
         config.addinivalue_line("markers", "xdist_group(name): pytest-xdist group")
     config.stash[OPTIONS_KEY] = options_from(config)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Checks that leave their guest unusable (a crash on purpose, a cgroup
+    v1 mount) run after all others, so the others share one boot per arch."""
+    items.sort(key=lambda item: item.get_closest_marker("dirties_guest") is not None)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -201,6 +201,7 @@ def test_fork_into_cpuset_reaches_hook_without_mask(
     assert [(c.target, c.mask) for c in calls] == [(child, "none")], calls
 
 
+@pytest.mark.dirties_guest
 def test_cpuset_v1_hook_sees_untruncated_mask(
     lab_run: LabRun,
     lab_arch: str,

@@ -10,7 +10,7 @@ from lab.console import BootedGuest
 from lab.errors import GuestError
 from lab.session import LabRun
 
-pytestmark = pytest.mark.selftest
+pytestmark = [pytest.mark.selftest, pytest.mark.dirties_guest]
 
 
 def test_guest_panic_fails_with_console_tail_then_next_check_boots_afresh(

@@ -266,3 +266,26 @@ def test_n_2_workers_name_each_test_by_its_arch_group(
     assert result.ret == 0
     for name in ARCHES:
         result.stdout.fnmatch_lines([f"*PASSED*test_boots[[]{name}[]]@{name}*"])
+
+
+def test_checks_that_dirty_the_guest_run_last(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_sandbox_order="""
+import pytest
+
+@pytest.mark.dirties_guest
+def test_mounts_cgroup_v1():
+    pass
+
+def test_plain_check():
+    pass
+"""
+    )
+
+    result = run(pytester, "--collect-only", "-q")
+
+    names = [line for line in result.outlines if "::" in line]
+    assert [n.split("::")[1] for n in names] == [
+        "test_plain_check",
+        "test_mounts_cgroup_v1",
+    ]
