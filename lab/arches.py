@@ -112,6 +112,8 @@ X86_64 = Arch(
         note="the generic syscall intersects the request with the cpuset",
     ),
     setaffinity_entry="__x64_sys_sched_setaffinity",
+    # The PS/2 mouse probe prints late and asynchronously: no mouse port.
+    cmdline=("i8042.noaux",),
 )
 
 MIPS = Arch(

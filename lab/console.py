@@ -24,6 +24,8 @@ from lab.errors import BootError, GuestError, LabError, tail_of
 log = logging.getLogger(__name__)
 
 CRLF_RE = re.compile(r"\r+\n")
+# A kernel message on the console: "[    1.519178] input: ...", to its end.
+PRINTK_RE = re.compile(r"\[\s*\d+\.\d+\] [^\n]*\n?")
 # How long to keep reading after a crash line, to get the whole trace.
 CRASH_TRACE_SECONDS = 3.0
 
@@ -46,6 +48,17 @@ class CommandResult:
     output: str
     seconds: float
     warnings: list[str] = field(default_factory=list)
+
+
+def command_output(raw: str, command_id: int) -> str:
+    """What a command printed, from the console text up to its end marker.
+
+    The kernel prints on the same console whenever it likes, even in the
+    middle of a line of ours (after the begin marker, say): its lines are
+    not the command's output and are taken out.
+    """
+    output = raw.split(f"@@LAB:BEGIN {command_id}@@", 1)[-1]
+    return PRINTK_RE.sub("", output).removeprefix("\n")
 
 
 class BootedGuest:
@@ -178,7 +191,7 @@ class BootedGuest:
         assert self.child.match is not None
         # Two ttys (the guest's and pexpect's pty) each turn \n into \r\n.
         raw = CRLF_RE.sub("\n", self.child.before.decode(errors="replace"))
-        output = raw.split(f"@@LAB:BEGIN {command_id}@@\n", 1)[-1]
+        output = command_output(raw, command_id)
         result = CommandResult(
             command=text,
             rc=int(self.child.match.group("rc")),

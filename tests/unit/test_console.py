@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lab import console
-from lab.console import BootedGuest, Timeouts
+from lab.console import BootedGuest, Timeouts, command_output
 from lab.errors import BootError, GuestError
 
 FAKE = Path(__file__).with_name("fake_guest.py")
@@ -267,3 +267,19 @@ def test_trickled_soft_lockup_is_soft_lockup_not_oops(guest: BootedGuest) -> Non
         guest.run("trickle-lockup")
 
     assert caught.value.message.startswith("soft lockup during"), caught.value.message
+
+
+def test_kernel_message_glued_to_the_begin_marker_is_not_output() -> None:
+    """Seen in CI: a late PS/2 probe message landed right after the marker."""
+    raw = (
+        "@@LAB:BEGIN 4@@[    1.519178] input: ImExPS/2 Generic Explorer Mouse as "
+        "/devices/platform/i8042/serio1/input/input3\n\n0\n"
+    )
+
+    assert command_output(raw, 4) == "0\n"
+
+
+def test_kernel_message_in_the_middle_of_a_line_is_taken_out() -> None:
+    raw = "@@LAB:BEGIN 7@@\n# pid: 4[    2.000001] rcu: something\n2\nok 1 x\n"
+
+    assert command_output(raw, 7) == "# pid: 42\nok 1 x\n"
