@@ -54,21 +54,6 @@ static void observe_cpus(cpu_set_t *seen)
 	}
 }
 
-static void expect_list(const char *name, const char *want,
-			const cpu_set_t *got)
-{
-	char buf[256], why[320];
-	cpu_set_t wanted;
-
-	if (cpulist_parse(want, &wanted)) {
-		errno = EINVAL;
-		harness_fail("bad --expect list");
-	}
-	cpulist_format(got, buf, sizeof(buf));
-	snprintf(why, sizeof(why), "got %s, expected %s", buf, want);
-	ktap_result(CPU_EQUAL(&wanted, got), name, why);
-}
-
 static pid_t thread_tid;
 static pthread_mutex_t thread_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t thread_ready = PTHREAD_COND_INITIALIZER;
@@ -283,14 +268,14 @@ int main(int argc, char **argv)
 	if (exp_aff) {
 		if (!strcmp(exp_aff, "unchanged"))
 			exp_aff = cpulist_format(&before, buf, sizeof(buf));
-		expect_list("affinity_after_call", exp_aff, &after);
+		ktap_expect_cpus("affinity_after_call", exp_aff, &after);
 	}
 	if (exp_ran) {
 		if (target) {
 			ktap_skip("ran_only_on_expected_cpus",
 				  "only observed for --target self");
 		} else {
-			expect_list("ran_only_on_expected_cpus", exp_ran,
+			ktap_expect_cpus("ran_only_on_expected_cpus", exp_ran,
 				    &seen);
 		}
 	}

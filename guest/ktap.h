@@ -124,6 +124,22 @@ static inline const char *cpulist_format(const cpu_set_t *set, char *buf,
 	return buf;
 }
 
+/* One KTAP test: is the CPU set got the list the host expects? */
+static inline void ktap_expect_cpus(const char *name, const char *want,
+				    const cpu_set_t *got)
+{
+	char buf[256], why[320];
+	cpu_set_t wanted;
+
+	if (cpulist_parse(want, &wanted)) {
+		errno = EINVAL;
+		harness_fail("bad --expect list");
+	}
+	cpulist_format(got, buf, sizeof(buf));
+	snprintf(why, sizeof(why), "got %s, expected %s", buf, want);
+	ktap_result(CPU_EQUAL(&wanted, got), name, why);
+}
+
 /* errno as its symbolic name, for diagnostics the host can compare. */
 static inline const char *errno_name(int err)
 {

@@ -14,13 +14,12 @@ import os
 import shlex
 import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from lab.arches import Arch
-from lab.cache import LabCache, file_sha256
+from lab.cache import LabCache
 from lab.errors import BuildError, ToolMissing
 from lab.guest import CFLAGS, GUEST_SRC, CpioWriter
 from lab.kbuild import KernelImage, compiler_version
@@ -72,20 +71,6 @@ def bpf_archive(bin_dir: Path) -> bytes:
     return cpio.finish()
 
 
-def concat_files(parts: Sequence[Path], out: Path) -> None:
-    """Write the parts one after the other into out, atomically."""
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                with part.open("rb") as src:
-                    shutil.copyfileobj(src, f)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def boot_initrd(
     arch: Arch,
     kernel: KernelImage,
@@ -99,14 +84,7 @@ def boot_initrd(
     bundle file is left as it is; the pair is written once per content.
     """
     archive = build_bpf(arch, kernel, cache, progress)
-    both = hashlib.sha256(
-        f"{file_sha256(initramfs)} {file_sha256(archive)}".encode()
-    ).hexdigest()[:16]
-    out = archive.parent / f"initrd-{both}.cpio.gz"
-    with cache.lock(f"bpf-{archive.parent.name}"):
-        if not out.is_file():
-            concat_files([initramfs, archive], out)
-    return out
+    return cache.joined_initrd(initramfs, archive)
 
 
 def build_bpf(

@@ -22,7 +22,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from lab.errors import BuildError
@@ -37,6 +37,20 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def concat_files(parts: Sequence[Path], out: Path) -> None:
+    """Write the parts one after the other into out, atomically."""
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for part in parts:
+                with part.open("rb") as src:
+                    shutil.copyfileobj(src, f)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 class LabCache:
@@ -93,6 +107,21 @@ class LabCache:
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         return entry
+
+    def joined_initrd(self, initramfs: Path, extra: Path) -> Path:
+        """The guest bundle's initramfs followed by another cpio archive
+        (BPF programs, a SELinux policy), written once per content beside
+        `extra`. The kernel unpacks concatenated archives one after the
+        other, so the bundle file itself stays as it is."""
+        both = f"{file_sha256(initramfs)} {file_sha256(extra)}"
+        out = (
+            extra.parent
+            / f"initrd-{hashlib.sha256(both.encode()).hexdigest()[:16]}.cpio.gz"
+        )
+        with self.lock(f"initrd-{extra.parent.name}"):
+            if not out.is_file():
+                concat_files([initramfs, extra], out)
+        return out
 
     def remove_orphans(self) -> list[Path]:
         """Remove scratch directories whose run is gone (killed, or a second

@@ -117,6 +117,7 @@ class BootedGuest:
         assert index == 0 and self.child.match is not None
         self.release = self.child.match.group("release").decode()
         self.machine = self.child.match.group("machine").decode()
+        self._handshake()
         self.boot_seconds = time.monotonic() - started
         log.info("boot: %s up in %.1f s", self.release, self.boot_seconds)
         return self.boot_seconds
@@ -260,6 +261,30 @@ class BootedGuest:
         self.command("umount", target)
 
     # -- internals -----------------------------------------------------
+
+    def _handshake(self, tries: int = 3) -> None:
+        """Make sure lab-init reads what we send before the first check.
+
+        Seen once on a loaded host: the first line sent right after READY
+        never reached a MIPS guest, which then waited for ever. A no-op
+        command is sent until one is answered; a late answer to an earlier
+        try is harmless (each waits for its own id).
+        """
+        assert self.child is not None
+        wait = max(5.0, self.timeouts.command / 6)
+        for _ in range(tries):
+            command_id = self._take_id()
+            self.child.sendline(f"{command_id} write /dev/null")
+            index = self.child.expect(
+                [patterns.end_of(command_id), pexpect.EOF, pexpect.TIMEOUT],
+                timeout=wait,
+            )
+            if index == 0:
+                return
+            if index == 1:
+                break
+            log.warning("boot: lab-init did not answer in %.0f s; sending again", wait)
+        self._expect([patterns.end_of(self._next_id - 1)], wait, "boot", BootError)
 
     def _take_id(self) -> int:
         command_id = self._next_id

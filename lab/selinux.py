@@ -21,8 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lab.arches import Arch
-from lab.bpf import concat_files
-from lab.cache import LabCache, file_sha256
+from lab.cache import LabCache
 from lab.errors import BuildError, ToolMissing
 from lab.guest import CpioWriter
 from lab.kbuild import KernelImage, KernelSource, compiler_version
@@ -229,14 +228,7 @@ def boot_initrd(
     bundle file is left as it is; the pair is written once per content.
     """
     policy = build_policy(arch, kernel, source, cache, progress)
-    both = hashlib.sha256(
-        f"{file_sha256(initramfs)} {file_sha256(policy.archive)}".encode()
-    ).hexdigest()[:16]
-    out = policy.entry / f"initrd-{both}.cpio.gz"
-    with cache.lock(f"selinux-{policy.entry.name}"):
-        if not out.is_file():
-            concat_files([initramfs, policy.archive], out)
-    return out
+    return cache.joined_initrd(initramfs, policy.archive)
 
 
 def _fill(

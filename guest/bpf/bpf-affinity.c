@@ -174,21 +174,6 @@ static void report_events(const struct recorded *rec)
 	ktap_diag("bpf_verdict", "%d", ev->verdict);
 }
 
-static void expect_list(const char *name, const char *want,
-			const cpu_set_t *got)
-{
-	char buf[256], why[320];
-	cpu_set_t wanted;
-
-	if (cpulist_parse(want, &wanted)) {
-		errno = EINVAL;
-		harness_fail("bad --expect-affinity list");
-	}
-	cpulist_format(got, buf, sizeof(buf));
-	snprintf(why, sizeof(why), "got %s, expected %s", buf, want);
-	ktap_result(CPU_EQUAL(&wanted, got), name, why);
-}
-
 /* What the host asked for, and what happened. */
 struct scenario {
 	const char *path, *mask, *policy;
@@ -372,7 +357,7 @@ static void report_expectations(struct scenario *s)
 		if (!strcmp(s->exp_aff, "unchanged"))
 			s->exp_aff = cpulist_format(&s->before, buf,
 						    sizeof(buf));
-		expect_list("affinity_after_call", s->exp_aff, &s->after);
+		ktap_expect_cpus("affinity_after_call", s->exp_aff, &s->after);
 	}
 }
 

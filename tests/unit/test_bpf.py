@@ -16,7 +16,7 @@ from kernels import EXPANDED_KERNEL
 
 from lab import bpf
 from lab.arches import MIPS, X86_64
-from lab.cache import LabCache
+from lab.cache import LabCache, concat_files
 from lab.errors import BuildError, ToolMissing
 from lab.progress import Progress
 
@@ -102,7 +102,7 @@ def test_concatenated_archives_decompress_to_both(tmp_path: Path) -> None:
     second.write_bytes(gzip.compress(b"second archive", mtime=0))
     out = tmp_path / "both.gz"
 
-    bpf.concat_files([first, second], out)
+    concat_files([first, second], out)
 
     assert gzip.decompress(out.read_bytes()) == b"first archivesecond archive"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
