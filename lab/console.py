@@ -72,10 +72,13 @@ class BootedGuest:
         timeouts: Timeouts,
         env: dict[str, str] | None = None,
         startup: list[str] | None = None,
+        more_program_dirs: list[str] | None = None,
     ) -> None:
         self.argv = argv
         self.console_log = console_log
         self.program_dir = program_dir
+        # Host paths the guest also sees (vng's 9p root): searched by name.
+        self.more_program_dirs = more_program_dirs or []
         self.timeouts = timeouts
         self.env = env
         # Lines to type before lab-init answers (vng starts a shell first).
@@ -166,6 +169,9 @@ class BootedGuest:
     # -- commands ------------------------------------------------------
 
     def program(self, name: str) -> str:
+        for directory in self.more_program_dirs:
+            if (Path(directory) / name).exists():
+                return f"{directory}/{name}"
         return f"{self.program_dir}/{name}"
 
     def command(

@@ -166,6 +166,11 @@ class LabRun:
             launch = vng.session_launch(
                 state.arch, kernel.image, bundle, state.accel.accel
             )
+            if not state.arch.no_bpf_lsm and kernel.vmlinux_h is not None:
+                # vng's guest sees the host's files: the BPF programs are
+                # read from their cache entry, not from an initramfs.
+                archive = bpf.build_bpf(state.arch, kernel, self.cache, self.progress)
+                launch.more_program_dirs.append(str(archive.parent / "bin"))
         else:
             initrd = bundle.initramfs
             if not state.arch.no_bpf_lsm and kernel.vmlinux_h is not None:
@@ -187,6 +192,7 @@ class LabRun:
             self.timeouts(state),
             env=launch.env,
             startup=launch.startup,
+            more_program_dirs=launch.more_program_dirs,
         )
         self.progress.phase(
             f"boot {state.arch.name}: {kernel.release} under "

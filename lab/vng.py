@@ -32,6 +32,9 @@ class Launch:
     program_dir: str
     env: dict[str, str] | None = None
     startup: list[str] = field(default_factory=list)
+    # Further directories of programs, as the guest sees them (vng: host
+    # paths), searched after program_dir.
+    more_program_dirs: list[str] = field(default_factory=list)
 
 
 def vng_binary() -> str:
