@@ -329,3 +329,35 @@ def cpulist_to_word(cpus: str) -> int:
         for cpu in range(int(lo), int(hi or lo) + 1):
             word |= 1 << cpu
     return word
+
+
+def check_untruncated_mask_in_cpuset(
+    guest: BootedGuest,
+    kernel: KernelImage,
+    arch: Arch,
+    reports: list[KtapReport] | None = None,
+) -> None:
+    """The main claim, as one scenario for every boot that makes it (the
+    default boot, the SELinux boot): in a cpuset with cpus=0,
+    sched_setaffinity({0,1}) follows the arch's rule, the task runs on {0}
+    only, and the test LSM saw the cpuset join (no mask), then {0,1}."""
+    lsm = TestLsm(guest, kernel).require()
+    lsm.clear()
+    rule = arch.affinity
+    expect = (
+        f"--expect-errno {rule.partial_errno} --expect-affinity {rule.partial_affinity}"
+    )
+
+    with Cpuset(guest, cpus="0") as cpuset:
+        run = run_program(
+            guest,
+            f"affinity --mask 0-1 {expect} --expect-ran-on 0",
+            cgroup=cpuset.path,
+            reports=reports,
+        )
+    calls = lsm.records(caller=run.pid)
+
+    run.assert_ok()
+    assert run.fact("status_cpus_allowed") == "0"
+    expected = [(run.pid, "none"), (run.pid, "0-1")]
+    assert [(c.target, c.mask) for c in calls] == expected, calls

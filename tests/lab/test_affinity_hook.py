@@ -14,6 +14,7 @@ from lab.checks import (
     Cpuset,
     KprobeWitness,
     TestLsm,
+    check_untruncated_mask_in_cpuset,
     cpulist_to_word,
     require_expanded_hook,
     run_program,
@@ -33,27 +34,7 @@ def test_hook_sees_untruncated_mask_in_cpuset(
     the generic syscall; {0,1} from MIPS FPAFF, which reports the request
     it recorded or'd with the CPUs allowed, while /proc/self/status
     (Cpus_allowed_list) says {0} on both."""
-    lsm = TestLsm(guest, kernel).require()
-    lsm.clear()
-    rule = arch.affinity
-    expect = (
-        f"--expect-errno {rule.partial_errno} --expect-affinity {rule.partial_affinity}"
-    )
-
-    with Cpuset(guest, cpus="0") as cpuset:
-        run = run_program(
-            guest,
-            f"affinity --mask 0-1 {expect} --expect-ran-on 0",
-            cgroup=cpuset.path,
-            reports=ktap_reports,
-        )
-
-    run.assert_ok()
-    assert run.fact("status_cpus_allowed") == "0"
-    # Joining the cpuset is checked by the hook too, without a mask.
-    calls = lsm.records(caller=run.pid)
-    expected = [(run.pid, "none"), (run.pid, "0-1")]
-    assert [(c.target, c.mask) for c in calls] == expected, calls
+    check_untruncated_mask_in_cpuset(guest, kernel, arch, ktap_reports)
 
 
 def test_mask_outside_cpuset_follows_arch_rule_and_hook_sees_it(

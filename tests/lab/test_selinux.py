@@ -22,7 +22,13 @@ import pytest
 
 from lab import selinux
 from lab.arches import Arch
-from lab.checks import SECURITYFS, Cpuset, ProgramRun, TestLsm, run_program
+from lab.checks import (
+    SECURITYFS,
+    ProgramRun,
+    TestLsm,
+    check_untruncated_mask_in_cpuset,
+    run_program,
+)
 from lab.console import BootedGuest
 from lab.guest import GuestBundle
 from lab.kbuild import KernelImage
@@ -134,29 +140,7 @@ def test_hook_sees_untruncated_mask_in_cpuset_under_selinux(
     """cpuset.cpus=0, sched_setaffinity({0,1}) as in the default boot: the
     call and the cpuset changes pass SELinux, the task runs on {0}, the
     arch's rule holds, and the test LSM saw {0,1}. No AVC denial."""
-    guest = selinux_boot.guest
-    lsm = TestLsm(guest, kernel).require()
-    lsm.clear()
-    rule = arch.affinity
-    expect = (
-        f"--expect-errno {rule.partial_errno} --expect-affinity {rule.partial_affinity}"
-    )
-
-    with Cpuset(guest, cpus="0") as cpuset:
-        run = run_program(
-            guest,
-            f"affinity --mask 0-1 {expect} --expect-ran-on 0",
-            cgroup=cpuset.path,
-            reports=ktap_reports,
-        )
-    calls = lsm.records(caller=run.pid)
-
-    run.assert_ok()
-    assert run.fact("status_cpus_allowed") == "0"
-    assert [(c.target, c.mask) for c in calls] == [
-        (run.pid, "none"),
-        (run.pid, "0-1"),
-    ], calls
+    check_untruncated_mask_in_cpuset(selinux_boot.guest, kernel, arch, ktap_reports)
     assert selinux_boot.denials_after_poweroff() == []
 
 
