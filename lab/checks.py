@@ -39,6 +39,16 @@ def require_expanded_hook(kernel: KernelImage) -> None:
         )
 
 
+def require_attr_hook(kernel: KernelImage) -> None:
+    """Fail a check of the follow-up on a hook that takes no sched_attr."""
+    require_expanded_hook(kernel)
+    if not kernel.hook_has_attr:
+        raise HookNotExpanded(
+            "hook not expanded: this kernel's security_task_setscheduler() takes "
+            f"no sched_attr ({kernel.source})"
+        )
+
+
 @dataclass
 class ProgramRun:
     """A guest program's run: its console result and its KTAP report."""
@@ -221,11 +231,7 @@ class TestLsm:
     def require_attr(self) -> TestLsm:
         """The kernel's hook must also take the sched_attr (the follow-up)."""
         self.require()
-        if not self.kernel.hook_has_attr:
-            raise HookNotExpanded(
-                "hook not expanded: this kernel's security_task_setscheduler() takes "
-                f"no sched_attr ({self.kernel.source})"
-            )
+        require_attr_hook(self.kernel)
         return self
 
     def deny_rt_above(self, priority: int) -> None:

@@ -16,9 +16,9 @@ import pytest
 from lab.arches import Arch
 from lab.checks import (
     Cpuset,
-    HookNotExpanded,
+    ProgramRun,
     cpulist_to_word,
-    require_expanded_hook,
+    require_attr_hook,
     run_program,
 )
 from lab.console import BootedGuest
@@ -39,17 +39,29 @@ def bpf_lsm_arch(arch: Arch) -> Iterator[None]:
 
 
 def require_bpf(kernel: KernelImage) -> None:
-    """The programs take the hook's three arguments and need the BTF."""
-    require_expanded_hook(kernel)
-    if not kernel.hook_has_attr:
-        raise HookNotExpanded(
-            "hook not expanded: this kernel's security_task_setscheduler() takes "
-            f"no sched_attr ({kernel.source}); the BPF programs are written for "
-            "(p, in_mask, attr)"
-        )
+    """The programs take the hook's three arguments (p, in_mask, attr) and
+    need the BTF."""
+    require_attr_hook(kernel)
     assert kernel.vmlinux_h is not None, (
         f"kernel {kernel.entry} has no BTF (CONFIG_DEBUG_INFO_BTF), so the lab "
         "built no BPF programs for it"
+    )
+
+
+def run_loader(
+    guest: BootedGuest,
+    prog: str,
+    args: str,
+    reports: list[KtapReport],
+    cgroup: str | None = None,
+) -> ProgramRun:
+    """Load one of the BPF programs with bpf-affinity and let it make the
+    call that args describe ("--reserve 1 --mask 0-1 --expect-...")."""
+    return run_program(
+        guest,
+        f"{LOADER} --prog {guest.program(prog)} {args}",
+        cgroup=cgroup,
+        reports=reports,
     )
 
 
@@ -64,22 +76,18 @@ def test_bpf_lsm_sees_requested_mask_in_cpuset(
     on as the arch's syscall does in a cpuset."""
     require_bpf(kernel)
 
+    rule = arch.affinity
+    expect = (
+        f"--expect-errno {rule.partial_errno} --expect-affinity {rule.partial_affinity}"
+    )
+
     with Cpuset(guest, cpus="0") as cpuset:
-        run = run_program(
+        run = run_loader(
             guest,
-            LOADER,
-            "--prog",
-            guest.program(CHECKED),
-            "--mask",
-            "0-1",
-            "--expect-load",
-            "ok",
-            "--expect-errno",
-            arch.affinity.partial_errno,
-            "--expect-affinity",
-            arch.affinity.partial_affinity,
+            CHECKED,
+            f"--mask 0-1 --expect-load ok {expect}",
+            ktap_reports,
             cgroup=cpuset.path,
-            reports=ktap_reports,
         )
 
     run.assert_ok()
@@ -102,23 +110,13 @@ def test_bpf_lsm_denies_mask_with_reserved_cpu_and_keeps_affinity(
     require_bpf(kernel)
 
     with Cpuset(guest, cpus="0") as cpuset:
-        run = run_program(
+        run = run_loader(
             guest,
-            LOADER,
-            "--prog",
-            guest.program(CHECKED),
-            "--reserve",
-            "1",
-            "--mask",
-            "0-1",
-            "--expect-load",
-            "ok",
-            "--expect-errno",
-            "EPERM",
-            "--expect-affinity",
-            "unchanged",
+            CHECKED,
+            "--reserve 1 --mask 0-1 --expect-load ok "
+            "--expect-errno EPERM --expect-affinity unchanged",
+            ktap_reports,
             cgroup=cpuset.path,
-            reports=ktap_reports,
         )
 
     run.assert_ok()
@@ -136,22 +134,11 @@ def test_bpf_lsm_allows_mask_without_reserved_cpu(
     succeeds and the program allowed it."""
     require_bpf(kernel)
 
-    run = run_program(
+    run = run_loader(
         guest,
-        LOADER,
-        "--prog",
-        guest.program(CHECKED),
-        "--reserve",
-        "1",
-        "--mask",
-        "0",
-        "--expect-load",
-        "ok",
-        "--expect-errno",
-        "0",
-        "--expect-affinity",
-        "0",
-        reports=ktap_reports,
+        CHECKED,
+        "--reserve 1 --mask 0 --expect-load ok --expect-errno 0 --expect-affinity 0",
+        ktap_reports,
     )
 
     run.assert_ok()
@@ -169,20 +156,11 @@ def test_bpf_lsm_sees_attr_and_no_mask_for_sched_setattr(
     reserved it is not refused, as it asks for no CPUs."""
     require_bpf(kernel)
 
-    run = run_program(
+    run = run_loader(
         guest,
-        LOADER,
-        "--prog",
-        guest.program(CHECKED),
-        "--reserve",
-        "1",
-        "--policy",
-        "batch",
-        "--expect-load",
-        "ok",
-        "--expect-errno",
-        "0",
-        reports=ktap_reports,
+        CHECKED,
+        "--reserve 1 --policy batch --expect-load ok --expect-errno 0",
+        ktap_reports,
     )
 
     run.assert_ok()
@@ -202,24 +180,8 @@ def test_verifier_rejects_mask_read_without_null_check(
     verifier, the same program with the check loads."""
     require_bpf(kernel)
 
-    unchecked = run_program(
-        guest,
-        LOADER,
-        "--prog",
-        guest.program(UNCHECKED),
-        "--expect-load",
-        "rejected",
-        reports=ktap_reports,
-    )
-    checked = run_program(
-        guest,
-        LOADER,
-        "--prog",
-        guest.program(CHECKED),
-        "--expect-load",
-        "ok",
-        reports=ktap_reports,
-    )
+    unchecked = run_loader(guest, UNCHECKED, "--expect-load rejected", ktap_reports)
+    checked = run_loader(guest, CHECKED, "--expect-load ok", ktap_reports)
 
     unchecked.assert_ok()
     checked.assert_ok()
