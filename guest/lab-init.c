@@ -19,6 +19,11 @@
  *
  * and its output is framed as "@@LAB:BEGIN <id>@@" ... "@@LAB:END <id>
  * rc=<n>@@", where rc is the exit status (128 + signal when killed).
+ *
+ * Ids grow by one per command. The host sends a line again when it sees
+ * no BEGIN for it in a while (a line can be lost on a loaded host); a
+ * line whose id is not above the last one served is answered with
+ * "@@LAB:SEEN <id>@@" and not run again.
  */
 #include <errno.h>
 #include <stdbool.h>
@@ -224,8 +229,9 @@ static void power_off(void)
 
 int main(int argc, char **argv)
 {
-	char line[LINE_MAX_LEN], *id, *verb, *rest;
+	char line[LINE_MAX_LEN], *id, *verb, *rest, *end;
 	struct utsname uts;
+	long number, last = 0;
 	bool runner;
 	int rc;
 
@@ -250,6 +256,16 @@ int main(int argc, char **argv)
 		rest = strtok(NULL, "");
 		if (!id || !verb)
 			continue;
+		number = strtol(id, &end, 10);
+		if (*end || number <= 0) {
+			printf("lab-init: bad command id %s\n", id);
+			continue;
+		}
+		if (number <= last) {
+			printf("@@LAB:SEEN %s@@\n", id);
+			continue;
+		}
+		last = number;
 
 		printf("@@LAB:BEGIN %s@@\n", id);
 		if (!strcmp(verb, "poweroff")) {

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 CRLF_RE = re.compile(r"\r+\n")
 # A kernel message on the console: "[    1.519178] input: ...", to its end.
 PRINTK_RE = re.compile(r"\[\s*\d+\.\d+\] [^\n]*\n?")
+# How often a command line is sent again when lab-init does not take it.
+RESENDS = 2
 # How long to keep reading after a crash line, to get the whole trace.
 CRASH_TRACE_SECONDS = 3.0
 
@@ -187,17 +189,42 @@ class BootedGuest:
         assert self.child is not None
         command_id = self._take_id()
         text = " ".join((verb, *args))
+        what = f"command {text!r}"
+        line = f"{command_id} {text}"
         started = time.monotonic()
-        self.child.sendline(f"{command_id} {text}")
-        self._expect(
-            [patterns.end_of(command_id)],
-            timeout or self.timeouts.command,
-            f"command {text!r}",
-            GuestError,
-        )
+        deadline = started + (timeout or self.timeouts.command)
+        begin, end = patterns.begin_of(command_id), patterns.end_of(command_id)
+        self.child.sendline(line)
+        # lab-init prints BEGIN as soon as it reads the line. Without it
+        # for a while, the line is sent again: seen once on a loaded host,
+        # a line never reached a MIPS guest. lab-init runs an id only once.
+        got = b""
+        for attempt in range(RESENDS + 1):
+            last = attempt == RESENDS
+            wait = deadline - time.monotonic()
+            index = self._expect(
+                [begin, end],
+                wait if last else min(self._nudge, wait),
+                what,
+                GuestError,
+                allow_timeout=not last,
+            )
+            got += self.child.before
+            if index >= 0:
+                break
+            log.warning(
+                "%s: no answer from lab-init in %.0f s; sending it again",
+                what,
+                self._nudge,
+            )
+            self.child.sendline(line)
+        if index == 0:
+            got += self.child.after
+            self._expect([end], max(0.0, deadline - time.monotonic()), what, GuestError)
+            got += self.child.before
         assert self.child.match is not None
         # Two ttys (the guest's and pexpect's pty) each turn \n into \r\n.
-        raw = CRLF_RE.sub("\n", self.child.before.decode(errors="replace"))
+        raw = CRLF_RE.sub("\n", got.decode(errors="replace"))
         output = command_output(raw, command_id)
         result = CommandResult(
             command=text,
@@ -297,10 +324,22 @@ class BootedGuest:
         self._next_id += 1
         return command_id
 
+    @property
+    def _nudge(self) -> float:
+        """How long to wait for lab-init to take a line before sending it
+        again (it answers in milliseconds when all is well)."""
+        return max(5.0, self.timeouts.command / 6)
+
     def _expect(
-        self, wanted: list[bytes], timeout: float, what: str, error: type[LabError]
+        self,
+        wanted: list[bytes],
+        timeout: float,
+        what: str,
+        error: type[LabError],
+        allow_timeout: bool = False,
     ) -> int:
-        """Wait for one of wanted; a crash, QEMU's exit or the timeout raise."""
+        """Wait for one of wanted; a crash, QEMU's exit or the timeout raise
+        (a timeout returns -1 instead when allow_timeout)."""
         assert self.child is not None
         crash_names = list(patterns.CRASHES)
         pattern_list = [
@@ -347,6 +386,8 @@ class BootedGuest:
                 tail,
                 kernel_fault=status == 0 and not killed,
             )
+        if allow_timeout:
+            return -1
         self.crashed = f"no answer within {timeout:.0f} s"
         self.kill()
         raise error(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lab import console
-from lab.console import BootedGuest, Timeouts, command_output
+from lab.console import RESENDS, BootedGuest, Timeouts, command_output
 from lab.errors import BootError, GuestError
 
 FAKE = Path(__file__).with_name("fake_guest.py")
@@ -93,6 +93,37 @@ def test_consecutive_commands_get_their_own_output(guest: BootedGuest) -> None:
     assert first == "lockdown,capability,yama,smack,selinux,labtest,bpf\n"
     assert second.command == "runcg /sys/fs/cgroup/lab1 /bin/ok"
     assert second.output.startswith("KTAP version 1\n")
+
+
+def test_lost_line_is_sent_again_and_run_once(
+    guest: BootedGuest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(BootedGuest, "_nudge", 0.5)
+
+    lost = guest.run("lost")
+    after = guest.run("ok")
+
+    assert (lost.rc, lost.output.splitlines()[-1]) == (0, "ok 1 taken the second time")
+    assert lost.seconds >= 0.5
+    # The copy sent again ran once: the next command gets its own output.
+    assert "SEEN" not in after.output and "taken" not in after.output
+    assert guest.console_log.read_text().count("taken the second time") == 1
+
+
+def test_line_taken_late_is_not_run_twice(
+    guest: BootedGuest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(BootedGuest, "_nudge", 0.3)
+
+    late = guest.run("late")
+    after = guest.run("ok")
+
+    assert (late.rc, late.output.splitlines()[-1]) == (0, "ok 1 late but once")
+    assert after.rc == 0 and "late" not in after.output
+    log = guest.console_log.read_text()
+    # Sent again twice (0.3 s, 0.6 s), and each copy answered "seen", not run.
+    assert log.count("late but once") == 1
+    assert log.count("@@LAB:SEEN ") == RESENDS == 2
 
 
 def test_panic_raises_guest_error_with_panic_in_tail(guest: BootedGuest) -> None:
