@@ -266,13 +266,19 @@ def guest(
 ) -> Iterator[BootedGuest]:
     """The booted guest of this arch; a crashed one is replaced first."""
     booted = lab_run.guest(lab_arch)
-    request.node.stash[GUEST_KEY] = booted
-    request.node.stash[WARN_START_KEY] = len(booted.warnings)
-    request.node.stash[CONSOLE_START_KEY] = (
+    watch_guest(request.node, booted)
+    yield booted
+
+
+def watch_guest(item: pytest.Item, booted: BootedGuest) -> None:
+    """Make the test's report cover this guest: the kernel WARNINGs and the
+    console slice from now to the test's end."""
+    item.stash[GUEST_KEY] = booted
+    item.stash[WARN_START_KEY] = len(booted.warnings)
+    item.stash[CONSOLE_START_KEY] = (
         booted.console_log,
         booted.console_log.stat().st_size,
     )
-    yield booted
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -60,6 +60,8 @@ class ArchReport:
     accel: str = ""
     accel_reason: str = ""
     boot_seconds: list[float] = field(default_factory=list)
+    # Boots of other configurations of the kernel (lsm= for SELinux), by name.
+    variant_boot_seconds: dict[str, list[float]] = field(default_factory=dict)
     # A build or setup failure that kept this arch from booting.
     failure: str = ""
 
@@ -114,9 +116,10 @@ class RunResults:
         return self.arches.setdefault(name, ArchReport(name))
 
     def boot_file(self, arch: Arch, name: str, number: int) -> Path:
-        """console.log, console.2.log, ...: one file per boot."""
+        """console.log, console.2.log, ... (console.selinux.2.log): one file
+        per boot."""
         if number > 1:
-            stem, dot, ext = name.partition(".")
+            stem, dot, ext = name.rpartition(".")
             name = f"{stem}.{number}{dot}{ext}"
         return self.arch_dir(arch) / name
 
@@ -148,9 +151,15 @@ class RunResults:
         report.accel = choice.accel
         report.accel_reason = choice.reason
 
-    def add_boot(self, arch: Arch, seconds: float, release: str) -> None:
+    def add_boot(
+        self, arch: Arch, seconds: float, release: str, variant: str = ""
+    ) -> None:
         report = self.arch_report(arch)
-        report.boot_seconds.append(round(seconds, 2))
+        if variant:
+            boots = report.variant_boot_seconds.setdefault(variant, [])
+            boots.append(round(seconds, 2))
+        else:
+            report.boot_seconds.append(round(seconds, 2))
         report.release = report.release or release
 
     def add_check(self, check: CheckOutcome) -> None:
@@ -186,6 +195,7 @@ class RunResults:
                     "accel_reason": a.accel_reason,
                     "boot_seconds": a.boot_seconds,
                     "boots": len(a.boot_seconds),
+                    "variant_boot_seconds": a.variant_boot_seconds,
                 }
                 for name, a in sorted(self.arches.items())
             },

@@ -22,10 +22,13 @@ from pathlib import Path
 
 from lab.arches import Arch
 from lab.cache import LabCache
+from lab.checks import ProgramRun, run_program
+from lab.console import BootedGuest
 from lab.errors import BuildError, ToolMissing
 from lab.guest import CpioWriter
 from lab.kbuild import KernelImage, KernelSource, compiler_version
 from lab.progress import Progress
+from lab.session import BootVariant, LabRun
 
 log = logging.getLogger(__name__)
 
@@ -358,3 +361,31 @@ def _run(argv: list[str], what: str, cwd: Path | None = None) -> None:
             None,
             (proc.stderr or proc.stdout)[-3000:],
         )
+
+
+# -- the SELinux boot --------------------------------------------------------
+
+SELINUXFS = "/sys/fs/selinux"
+
+
+def _variant_initrd(run: LabRun, arch: Arch, kernel: KernelImage, base: Path) -> Path:
+    return boot_initrd(arch, kernel, run.source, base, run.cache, run.progress)
+
+
+def _variant_cmdline(kernel: KernelImage) -> tuple[str, ...]:
+    return boot_cmdline(kernel.config.read_text())
+
+
+def _variant_setup(guest: BootedGuest) -> ProgramRun:
+    """Mount selinuxfs, let kauditd print every record (audit marks must not
+    be rate-limited away), and load the dummy policy."""
+    guest.mount("selinuxfs", SELINUXFS)
+    guest.write("/proc/sys/kernel/printk_ratelimit", "0")
+    load = run_program(guest, "selinux_load", GUEST_POLICY)
+    load.assert_ok()
+    return load
+
+
+# SELinux in place of Smack (both want the exclusive slot), permissive, the
+# dummy policy loaded: one boot per arch shared by the SELinux checks.
+BOOT = BootVariant("selinux", _variant_initrd, _variant_cmdline, _variant_setup)

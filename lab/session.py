@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import logging
 import shlex
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lab import bpf, vng
 from lab.arches import Arch, get_arch
@@ -57,6 +59,27 @@ class LabOptions:
     run_label: str = ""
 
 
+@dataclass(frozen=True)
+class BootVariant:
+    """A boot of the arch's kernel other than the default one, shared by the
+    checks that need it as the default boot is: its own initramfs (made
+    from the default one) and kernel command line, and a setup step run
+    once after each boot, whose result the checks can read."""
+
+    name: str
+    initrd: Callable[[LabRun, Arch, KernelImage, Path], Path]
+    cmdline: Callable[[KernelImage], tuple[str, ...]]
+    setup: Callable[[BootedGuest], Any]
+
+
+@dataclass
+class VariantGuest:
+    """A booted variant and what its setup step returned."""
+
+    guest: BootedGuest
+    setup: Any
+
+
 @dataclass
 class ArchState:
     """What the run has for one arch so far."""
@@ -67,6 +90,8 @@ class ArchState:
     accel: AccelChoice | None = None
     guest: BootedGuest | None = None
     boots: list[float] = field(default_factory=list)
+    variants: dict[str, VariantGuest] = field(default_factory=dict)
+    variant_boots: dict[str, list[float]] = field(default_factory=dict)
     # A failure to build or boot, kept so later checks report it at once.
     failure: LabError | None = None
 
@@ -194,19 +219,72 @@ class LabRun:
             startup=launch.startup,
             more_program_dirs=launch.more_program_dirs,
         )
+        what = f"{self.options.launcher}), boot {number}"
+        seconds = self._start(state, kernel, guest, what)
+        state.boots.append(seconds)
+        self.results.add_boot(state.arch, seconds, guest.release)
+        return guest
+
+    def _start(
+        self, state: ArchState, kernel: KernelImage, guest: BootedGuest, what: str
+    ) -> float:
+        assert state.accel is not None
         self.progress.phase(
             f"boot {state.arch.name}: {kernel.release} under "
-            f"{state.accel.accel.upper()} ({self.options.launcher}), boot {number}"
+            f"{state.accel.accel.upper()} ({what}"
         )
         try:
             seconds = guest.boot()
         except LabError:
             guest.kill()
             raise
-        state.boots.append(seconds)
-        self.results.add_boot(state.arch, seconds, guest.release)
         self.progress.phase(f"boot {state.arch.name}: up in {seconds:.1f} s")
-        return guest
+        return seconds
+
+    def variant_guest(self, arch_name: str, variant: BootVariant) -> VariantGuest:
+        """The running guest of a boot variant; boots one (plain QEMU) and
+        runs the variant's setup if there is none alive. A failing setup
+        powers the guest off and raises."""
+        state = self.state(arch_name)
+        booted = state.variants.get(variant.name)
+        if booted is not None and booted.guest.alive:
+            return booted
+        if booted is not None:
+            booted.guest.kill()
+            del state.variants[variant.name]
+
+        accel = self.accel(arch_name)
+        kernel = self.kernel(arch_name)
+        base = self.bundle(arch_name).initramfs
+        initrd = variant.initrd(self, state.arch, kernel, base)
+        argv = qemu_argv(
+            state.arch,
+            kernel.image,
+            initrd,
+            accel.accel,
+            extra_cmdline=variant.cmdline(kernel),
+        )
+        boots = state.variant_boots.setdefault(variant.name, [])
+        number = len(boots) + 1
+        self.results.boot_file(
+            state.arch, f"qemu.{variant.name}.cmd", number
+        ).write_text(shlex.join(argv) + "\n")
+        console_log = self.results.boot_file(
+            state.arch, f"console.{variant.name}.log", number
+        )
+        guest = BootedGuest(argv, console_log, "/bin", self.timeouts(state))
+        seconds = self._start(
+            state, kernel, guest, f"qemu, {variant.name}), boot {number}"
+        )
+        boots.append(seconds)
+        self.results.add_boot(state.arch, seconds, guest.release, variant.name)
+        try:
+            result = variant.setup(guest)
+        except BaseException:
+            guest.poweroff()
+            raise
+        booted = state.variants[variant.name] = VariantGuest(guest, result)
+        return booted
 
     def retire_guest(self, arch_name: str) -> None:
         """Power off the arch's guest: a check left it in a state the next
@@ -220,10 +298,14 @@ class LabRun:
         """Power off (or kill) every guest and write the run's summary;
         kill is for an interrupted run."""
         for state in self.states.values():
+            guests = [v.guest for v in state.variants.values()]
             if state.guest is not None:
+                guests.insert(0, state.guest)
+            for guest in guests:
                 if kill:
-                    state.guest.kill()
+                    guest.kill()
                 else:
-                    state.guest.poweroff()
-                state.guest = None
+                    guest.poweroff()
+            state.guest = None
+            state.variants.clear()
         self.results.finish(interrupted=kill)

@@ -2,19 +2,20 @@
 loaded, denies nothing the affinity checks are allowed in the default boot.
 
 Smack and SELinux both want the exclusive LSM slot and the kernel's
-CONFIG_LSM gives it to Smack, so each check boots its own guest with the
-default order minus Smack (lsm=...,selinux,labtest,...) and an initramfs
-that also carries a dummy policy built for the kernel (lab/selinux.py):
-one type allowed everything in the kernel's class map. The guest loads it
-through selinuxfs and runs the same checks as the default boot; any
-"avc:  denied" on the console (permissive mode logs what enforcing mode
-would refuse) fails the check.
+CONFIG_LSM gives it to Smack, so the SELinux checks share a second boot
+per arch (lab.selinux.BOOT): the default order minus Smack
+(lsm=...,selinux,labtest,...), enforcing=0, and an initramfs that also
+carries a dummy policy built for the kernel: one type allowed everything
+in the kernel's class map. The guest loads it through selinuxfs once per
+boot and runs the same checks as the default boot. Any "avc:  denied" on
+the console during a check (permissive mode logs what enforcing mode
+would refuse) fails the check: before reading the console, an audit mark
+is sent and waited for, so every record the check caused is printed.
 """
 
 from __future__ import annotations
 
-import shlex
-from collections.abc import Iterator
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,75 +31,57 @@ from lab.checks import (
     run_program,
 )
 from lab.console import BootedGuest
-from lab.guest import GuestBundle
 from lab.kbuild import KernelImage
 from lab.ktap import KtapReport
-from lab.qemu import AccelChoice, qemu_argv
+from lab.plugin import watch_guest
 from lab.session import LabRun
 
-SELINUXFS = "/sys/fs/selinux"
+SELINUXFS = selinux.SELINUXFS
 # What mdp gives every initial SID and every task.
 DUMMY_CONTEXT = "user_u:base_r:base_t"
+_marks = itertools.count(1)
 
 
 @dataclass
 class SelinuxBoot:
-    """A guest booted with SELinux in place of Smack, the policy loaded."""
+    """The shared SELinux boot, seen from one check."""
 
     guest: BootedGuest
     console_log: Path
+    # Where this check's part of the console starts.
     console_start: int
     load: ProgramRun
 
-    def console(self) -> str:
+    def boot_console(self) -> str:
         """What this boot printed on the console so far."""
-        with self.console_log.open("rb") as f:
-            f.seek(self.console_start)
-            return f.read().decode(errors="replace")
+        return self.console_log.read_bytes().decode(errors="replace")
 
-    def denials_after_poweroff(self) -> list[str]:
-        """Power off (so every audit record is on the console), then the
-        AVC denials the boot logged."""
-        self.guest.poweroff()
-        return selinux.avc_denials(self.console())
+    def denials(self, whole_boot: bool = False) -> list[str]:
+        """The AVC denials logged since this check began (or the boot did).
+        An audit mark is sent first and waited for: kauditd prints records
+        in order, so once the mark is out, so is every denial before it."""
+        mark = f"lab-audit-mark-{next(_marks)}"
+        run_program(self.guest, "audit_mark", mark).assert_ok()
+        with self.console_log.open("rb") as f:
+            f.seek(0 if whole_boot else self.console_start)
+            console = f.read().decode(errors="replace")
+        assert mark in console, (
+            f"audit mark {mark} is in /dev/kmsg but not on the console: "
+            "denials on the console could be missing too"
+        )
+        return selinux.avc_denials(console)
 
 
 @pytest.fixture
 def selinux_boot(
-    lab_run: LabRun,
-    lab_arch: str,
-    kernel: KernelImage,
-    arch: Arch,
-    accel: AccelChoice,
-    guest_bundle: GuestBundle,
-) -> Iterator[SelinuxBoot]:
-    """The arch's kernel booted with lsm=<default order, SELinux for Smack>,
-    enforcing=0, and the dummy policy loaded; powered off at the end."""
-    initrd = selinux.boot_initrd(
-        arch,
-        kernel,
-        lab_run.source,
-        guest_bundle.initramfs,
-        lab_run.cache,
-        lab_run.progress,
-    )
-    cmdline = selinux.boot_cmdline(kernel.config.read_text())
-    argv = qemu_argv(arch, kernel.image, initrd, accel.accel, extra_cmdline=cmdline)
-    arch_dir = lab_run.results.arch_dir(arch)
-    (arch_dir / "qemu.selinux.cmd").write_text(shlex.join(argv) + "\n")
-    console_log = arch_dir / "console.selinux.log"
-    start = console_log.stat().st_size if console_log.exists() else 0
-    guest = BootedGuest(
-        argv, console_log, "/bin", lab_run.timeouts(lab_run.state(lab_arch))
-    )
-    try:
-        guest.boot()
-        guest.mount("selinuxfs", SELINUXFS)
-        load = run_program(guest, "selinux_load", selinux.GUEST_POLICY)
-        load.assert_ok()
-        yield SelinuxBoot(guest, console_log, start, load)
-    finally:
-        guest.poweroff()
+    request: pytest.FixtureRequest, lab_run: LabRun, lab_arch: str
+) -> SelinuxBoot:
+    """The arch's SELinux boot (booted once, policy loaded), from now on."""
+    booted = lab_run.variant_guest(lab_arch, selinux.BOOT)
+    guest = booted.guest
+    watch_guest(request.node, guest)
+    start = guest.console_log.stat().st_size
+    return SelinuxBoot(guest, guest.console_log, start, booted.setup)
 
 
 def test_selinux_runs_permissive_with_dummy_policy_next_to_test_lsm(
@@ -124,8 +107,8 @@ def test_selinux_runs_permissive_with_dummy_policy_next_to_test_lsm(
     assert process_class.rc == 0, f"no class map after the load: {process_class}"
     assert context == DUMMY_CONTEXT, f"lab-init runs as {context!r}"
     assert enforce == "0", f"SELinux is enforcing ({SELINUXFS}/enforce: {enforce})"
-    assert selinux_boot.denials_after_poweroff() == []
-    assert selinux.policy_load_audited(selinux_boot.console()), (
+    assert selinux_boot.denials(whole_boot=True) == []
+    assert selinux.policy_load_audited(selinux_boot.boot_console()), (
         "no audit record of the policy load on the console: SELinux's audit "
         "messages do not reach it, so a missing AVC denial would prove nothing"
     )
@@ -141,7 +124,7 @@ def test_hook_sees_untruncated_mask_in_cpuset_under_selinux(
     call and the cpuset changes pass SELinux, the task runs on {0}, the
     arch's rule holds, and the test LSM saw {0,1}. No AVC denial."""
     check_untruncated_mask_in_cpuset(selinux_boot.guest, kernel, arch, ktap_reports)
-    assert selinux_boot.denials_after_poweroff() == []
+    assert selinux_boot.denials() == []
 
 
 def test_sched_setattr_passes_selinux_and_reaches_hook_without_mask(
@@ -160,7 +143,7 @@ def test_sched_setattr_passes_selinux_and_reaches_hook_without_mask(
 
     run.assert_ok()
     assert [(c.target, c.mask) for c in calls] == [(run.pid, "none")], calls
-    assert selinux_boot.denials_after_poweroff() == []
+    assert selinux_boot.denials() == []
 
 
 def test_lsm_deny_rule_still_refuses_with_eacces_under_selinux(
@@ -194,4 +177,4 @@ def test_lsm_deny_rule_still_refuses_with_eacces_under_selinux(
     allowed.assert_ok()
     assert [(c.mask, c.ret) for c in denied_calls] == [("0-1", -13)], denied_calls
     assert [(c.mask, c.ret) for c in allowed_calls] == [("0-1", 0)], allowed_calls
-    assert selinux_boot.denials_after_poweroff() == []
+    assert selinux_boot.denials() == []

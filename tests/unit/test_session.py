@@ -1,12 +1,23 @@
-"""LabRun's timeouts: TCG runs guest code slower, so every wait grows."""
+"""LabRun: timeouts (TCG runs guest code slower, so every wait grows) and
+boot variants (a second kernel command line, booted once and shared)."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
+
+from lab import session
 from lab.arches import X86_64
+from lab.console import BootedGuest
+from lab.errors import GuestError
+from lab.guest import GuestBundle
+from lab.kbuild import KernelImage
 from lab.qemu import AccelChoice
-from lab.session import TCG_SLOWDOWN, ArchState, LabOptions, LabRun
+from lab.session import TCG_SLOWDOWN, ArchState, BootVariant, LabOptions, LabRun
 
 
 def run_with(tmp_path: Path) -> LabRun:
@@ -37,3 +48,96 @@ def test_tcg_scales_every_timeout(tmp_path: Path) -> None:
     assert tcg.boot == kvm.boot * TCG_SLOWDOWN
     assert tcg.command == kvm.command * TCG_SLOWDOWN
     assert tcg.poweroff == kvm.poweroff * TCG_SLOWDOWN
+
+
+# -- boot variants: one shared boot per variant, set up once ------------------
+
+FAKE = Path(__file__).with_name("fake_guest.py")
+
+
+def ready_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LabRun:
+    """A run whose x86_64 kernel, bundle and accel are known and whose
+    "QEMU" is fake_guest.py (it speaks lab-init's protocol)."""
+    run = run_with(tmp_path)
+    state = run.state("x86_64")
+    state.kernel = KernelImage(
+        "x86_64",
+        "k",
+        tmp_path,
+        tmp_path / "bzImage",
+        tmp_path / "config",
+        tmp_path / "build.log",
+        "6.12.118",
+        True,
+        True,
+        "test",
+        0.0,
+        True,
+    )
+    state.bundle = GuestBundle("x86_64", tmp_path, tmp_path / "initramfs")
+    state.accel = AccelChoice("tcg", "test")
+    monkeypatch.setattr(
+        session, "qemu_argv", lambda *a, **k: [sys.executable, str(FAKE), "normal"]
+    )
+    return run
+
+
+def variant(setup: Callable[[BootedGuest], Any]) -> BootVariant:
+    return BootVariant(
+        "selinux",
+        lambda run, arch, kernel, base: base,
+        lambda kernel: ("lsm=selinux",),
+        setup,
+    )
+
+
+def test_variant_boots_once_and_keeps_its_setup(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = ready_run(tmp_path, monkeypatch)
+    setups: list[BootedGuest] = []
+    boot = variant(lambda guest: setups.append(guest) or "loaded")
+
+    first = run.variant_guest("x86_64", boot)
+    again = run.variant_guest("x86_64", boot)
+    run.close()
+
+    assert again is first and first.setup == "loaded"
+    assert setups == [first.guest]
+    summary = run.results.summary()["arches"]["x86_64"]
+    assert summary["boots"] == 0
+    assert len(summary["variant_boot_seconds"]["selinux"]) == 1
+    assert (run.results.arch_dir("x86_64") / "console.selinux.log").exists()
+
+
+def test_variant_is_booted_afresh_after_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = ready_run(tmp_path, monkeypatch)
+    boot = variant(lambda guest: None)
+    first = run.variant_guest("x86_64", boot)
+
+    with pytest.raises(GuestError, match="panic"):
+        first.guest.run("panic")
+    second = run.variant_guest("x86_64", boot)
+    run.close()
+
+    assert second.guest is not first.guest
+    assert (run.results.arch_dir("x86_64") / "console.selinux.2.log").exists()
+
+
+def test_failed_variant_setup_powers_the_guest_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = ready_run(tmp_path, monkeypatch)
+    booted: list[BootedGuest] = []
+
+    def setup(guest: BootedGuest) -> None:
+        booted.append(guest)
+        raise GuestError("policy load failed")
+
+    with pytest.raises(GuestError, match="policy load failed"):
+        run.variant_guest("x86_64", variant(setup))
+
+    assert not booted[0].alive
+    assert run.state("x86_64").variants == {}
