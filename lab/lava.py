@@ -11,6 +11,7 @@ reads a LAVA log (lava-run's, or a LAVA server's output.yaml) back.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import shutil
 import subprocess
@@ -294,6 +295,8 @@ def run_lava(
         raise ToolMissing(
             "lava-run not found; install it: apt-get install lava-dispatcher"
         )
+    if os.geteuid() != 0:
+        raise LavaError("lava-run runs jobs as root only: run this as root")
     out.mkdir(parents=True, exist_ok=True)
     argv = lava_run_argv(job_dir, out)
     log_path = out / LAVA_LOG
