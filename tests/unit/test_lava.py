@@ -15,6 +15,7 @@ from kernels import EXPANDED_KERNEL
 
 from lab import lava
 from lab.arches import MIPS, X86_64
+from lab.cli import main
 from lab.guest import GuestBundle
 from lab.plan import PLAN_ARG, build_plan
 
@@ -226,3 +227,33 @@ def test_lava_run_command_uses_the_jobs_device(tmp_path: Path) -> None:
     assert argv[0] == "lava-run"
     assert argv[argv.index("--device") + 1] == str(tmp_path / "job" / "device.yaml")
     assert argv[-1] == str(tmp_path / "job" / "job.yaml")
+
+
+def test_lava_results_command_writes_junit_and_exits_by_outcome(
+    tmp_path: Path, job_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    junit = tmp_path / "junit.xml"
+
+    passed = main(["lava-results", str(DATA / "lava_run.log"), "--junit", str(junit)])
+    failed = main(["lava-results", str(DATA / "lava_run_case_failed.log")])
+
+    assert (passed, failed) == (0, 1)
+    assert len(list(ET.parse(junit).iter("testcase"))) == 51  # 50 cases + lava/job
+    out = capsys.readouterr().out
+    assert "50 of 50 test cases passed" in out
+    assert "untruncated_mask_in_cpuset/hook_calls: fail" in out
+
+
+def test_lava_results_command_names_cases_the_job_did_not_report(
+    tmp_path: Path, job_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "lava.log"
+    lines = (DATA / "lava_run.log").read_text().splitlines()
+    log.write_text("\n".join(line for line in lines if "drop_rule" not in line))
+
+    status = main(["lava-results", str(log), "--job", str(job_dir)])
+
+    assert status == 1
+    out = capsys.readouterr().out
+    assert "deny_rule_refuses_mask/drop_rule: missing" in out
+    assert "rt_rule_refuses_fifo_99/drop_rule: missing" in out
