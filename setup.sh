@@ -15,6 +15,8 @@ APT_PACKAGES=(
 	udev
 	# BTF for the BPF LSM: pahole, bpftool, clang, static libbpf
 	dwarves bpftool clang llvm libbpf-dev zlib1g-dev libzstd-dev
+	# LAVA: lava-run runs the jobs that `lab lava-job` exports, here
+	lava-dispatcher
 	# machines: x86_64 and MIPS Malta, and MIPS cross tools
 	qemu-system-x86 qemu-system-mips gcc-mips-linux-gnu libc6-dev-mips-cross
 	# Python
@@ -29,6 +31,16 @@ fi
 echo "[setup] apt packages: ${APT_PACKAGES[*]}"
 $SUDO apt-get update -q
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${APT_PACKAGES[@]}"
+
+# lava-dispatcher brings the services of a LAVA worker: lava-worker (a
+# client of a LAVA server, polling http://localhost/ by default) and
+# lava-dispatcher-host (a unix socket). The lab only runs lava-run by hand:
+# keep them stopped where systemd runs (elsewhere nothing started them).
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+	echo "[setup] stopping and disabling lava-worker and lava-dispatcher-host"
+	$SUDO systemctl disable --now lava-worker.service \
+		lava-dispatcher-host.socket lava-dispatcher-host.service
+fi
 
 PYTHON=${PYTHON:-python3}
 if "$PYTHON" -c 'import sys, sysconfig, os; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then

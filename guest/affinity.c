@@ -5,7 +5,8 @@
  *   affinity --mask LIST [--target self|child|thread] [--size BYTES]
  *            [--beyond CPU] [--target-label LABEL]
  *            [--expect-errno NAME] [--expect-affinity LIST]
- *            [--expect-ran-on LIST]
+ *            [--expect-ran-on LIST] [--expect-cpus-allowed LIST]
+ *            [--expect-hook CALLS]
  *
  * --target: the task whose affinity is set: this one (default), a child
  * process, or a thread of this process (by its TID). --size passes that
@@ -22,9 +23,11 @@
  * request, the return value and errno, Cpus_allowed_list of this task,
  * and the CPUs the target was seen running on afterwards (self only).
  * Each --expect-* option adds one KTAP test comparing a fact with what
- * the host expects.
+ * the host expects: --expect-cpus-allowed compares Cpus_allowed_list of
+ * /proc/self/status as it reads, --expect-hook the test LSM's record of
+ * this task's calls (see hooklog.h).
  */
-#include "ktap.h"
+#include "hooklog.h"
 
 #include <fcntl.h>
 #include <getopt.h>
@@ -159,15 +162,18 @@ int main(int argc, char **argv)
 		{ "expect-errno", required_argument, NULL, 'e' },
 		{ "expect-affinity", required_argument, NULL, 'a' },
 		{ "expect-ran-on", required_argument, NULL, 'r' },
+		{ "expect-cpus-allowed", required_argument, NULL, 'c' },
+		{ "expect-hook", required_argument, NULL, 'k' },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *mask = NULL, *exp_errno = NULL, *exp_aff = NULL;
 	const char *exp_ran = NULL, *target_kind = "self", *label = NULL;
+	const char *exp_allowed = NULL, *exp_hook = NULL;
 	/* Longs, as the kernel's cpumask: bit order follows the arch's. */
 	unsigned long buf_mask[BUF_BYTES / sizeof(long)] = { 0 };
 	cpu_set_t request, before, after, seen;
 	long size = sizeof(cpu_set_t), beyond = -1;
-	char buf[256], why[320];
+	char buf[256], allowed[256], why[320];
 	int opt, ret, err, planned, cpu;
 	pid_t target = 0, child = 0;
 
@@ -197,6 +203,12 @@ int main(int argc, char **argv)
 		case 'r':
 			exp_ran = optarg;
 			break;
+		case 'c':
+			exp_allowed = optarg;
+			break;
+		case 'k':
+			exp_hook = optarg;
+			break;
 		default:
 			errno = EINVAL;
 			harness_fail("usage");
@@ -219,7 +231,8 @@ int main(int argc, char **argv)
 		harness_fail("--target self|child|thread");
 	}
 
-	planned = !!exp_errno + !!exp_aff + !!exp_ran;
+	planned = !!exp_errno + !!exp_aff + !!exp_ran + !!exp_allowed +
+		  !!exp_hook;
 	ktap_header(planned);
 	ktap_diag("pid", "%d", getpid());
 	ktap_diag("target", "%d", target ? target : getpid());
@@ -247,7 +260,8 @@ int main(int argc, char **argv)
 	ktap_diag("affinity_after", "%s",
 		  cpulist_format(&after, buf, sizeof(buf)));
 	ktap_diag("status_cpus_allowed", "%s",
-		  proc_status_field("Cpus_allowed_list", buf, sizeof(buf)));
+		  proc_status_field("Cpus_allowed_list", allowed,
+				    sizeof(allowed)));
 
 	if (!target) {
 		observe_cpus(&seen);
@@ -279,5 +293,13 @@ int main(int argc, char **argv)
 				    &seen);
 		}
 	}
+	if (exp_allowed) {
+		snprintf(why, sizeof(why), "got %s, expected %s", allowed,
+			 exp_allowed);
+		ktap_result(!strcmp(allowed, exp_allowed), "cpus_allowed_list",
+			    why);
+	}
+	if (exp_hook)
+		ktap_expect_hook("hook_calls", exp_hook);
 	return 0;
 }

@@ -20,10 +20,19 @@
  * and its output is framed as "@@LAB:BEGIN <id>@@" ... "@@LAB:END <id>
  * rc=<n>@@", where rc is the exit status (128 + signal when killed).
  *
- * Ids grow by one per command. The host sends a line again when it sees
- * no BEGIN for it in a while (a line can be lost on a loaded host); a
- * line whose id is not above the last one served is answered with
- * "@@LAB:SEEN <id>@@" and not run again.
+ * On the console, ids are numbers that grow by one per command. The host
+ * sends a line again when it sees no BEGIN for it in a while (a line can
+ * be lost on a loaded host); a line whose id is not above the last one
+ * served is answered with "@@LAB:SEEN <id>@@" and not run again.
+ *
+ * Plan mode: with lab.plan=<path> on the kernel command line it reads the
+ * same command lines from that file instead of the console, then powers
+ * off. A plan is made of scenarios: "@scenario <name>" starts one, and
+ * lab-init frames it with "@@LAB:SCENARIO <name>@@" ... "@@LAB:SCENARIO-END
+ * <name>@@". After each command it prints the command's verdict as a KTAP
+ * test line named by the command's id ("ok <n> <id>", or "not ok <n> <id>
+ * # rc=<rc>"); the programs print their own KTAP. Lines starting with "#"
+ * are comments. This is what a LAVA job runs (lab/lava.py).
  */
 #include <errno.h>
 #include <stdbool.h>
@@ -31,6 +40,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/klog.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
 #include <sys/stat.h>
@@ -41,6 +51,10 @@
 
 #define LINE_MAX_LEN	4096
 #define ARGS_MAX	64
+#define PLAN_ARG	"lab.plan="
+/* Console log level in plan mode: warnings and worse still show. */
+#define PLAN_CONSOLE_LEVEL	5
+#define SYSLOG_CONSOLE_LEVEL	8
 
 static const struct {
 	const char *source, *target, *type;
@@ -227,13 +241,123 @@ static void power_off(void)
 		pause();
 }
 
-int main(int argc, char **argv)
+/* The path given as lab.plan= on the kernel command line, or NULL. */
+static char *plan_path(void)
+{
+	static char cmdline[LINE_MAX_LEN];
+	char *arg;
+	FILE *f;
+
+	f = fopen("/proc/cmdline", "r");
+	if (!f)
+		return NULL;
+	if (!fgets(cmdline, sizeof(cmdline), f))
+		cmdline[0] = '\0';
+	fclose(f);
+	for (arg = strtok(cmdline, " \n"); arg; arg = strtok(NULL, " \n"))
+		if (!strncmp(arg, PLAN_ARG, strlen(PLAN_ARG)))
+			return arg + strlen(PLAN_ARG);
+	return NULL;
+}
+
+struct plan_state {
+	char scenario[256];
+	int step;
+};
+
+/* "@scenario <name>": close the scenario that runs, open the next one. */
+static void plan_scenario(struct plan_state *plan, const char *name)
+{
+	if (plan->scenario[0])
+		printf("@@LAB:SCENARIO-END %s@@\n", plan->scenario);
+	snprintf(plan->scenario, sizeof(plan->scenario), "%s", name);
+	plan->step = 0;
+	if (name[0])
+		printf("@@LAB:SCENARIO %s@@\n", name);
+}
+
+/*
+ * Serve command lines from in until it ends or says poweroff; with a
+ * plan, also the scenario lines and a verdict after each command.
+ */
+static void serve_lines(FILE *in, struct plan_state *plan)
 {
 	char line[LINE_MAX_LEN], *id, *verb, *rest, *end;
-	struct utsname uts;
 	long number, last = 0;
-	bool runner;
 	int rc;
+
+	while (fgets(line, sizeof(line), in)) {
+		line[strcspn(line, "\r\n")] = '\0';
+		if (plan && line[0] == '#')
+			continue;
+		id = strtok(line, " ");
+		verb = strtok(NULL, " ");
+		rest = strtok(NULL, "");
+		if (plan && id && !strcmp(id, "@scenario")) {
+			plan_scenario(plan, verb ? verb : "unnamed");
+			continue;
+		}
+		if (!id || !verb)
+			continue;
+		/* On the console, ids are numbers, each served once. */
+		if (!plan) {
+			number = strtol(id, &end, 10);
+			if (*end || number <= 0) {
+				printf("lab-init: bad command id %s\n", id);
+				continue;
+			}
+			if (number <= last) {
+				printf("@@LAB:SEEN %s@@\n", id);
+				continue;
+			}
+			last = number;
+		}
+
+		printf("@@LAB:BEGIN %s@@\n", id);
+		if (!strcmp(verb, "poweroff")) {
+			printf("@@LAB:END %s rc=0@@\n", id);
+			break;
+		}
+		rc = serve(verb, rest ? rest : "");
+		printf("@@LAB:END %s rc=%d@@\n", id, rc);
+		if (plan && rc)
+			printf("not ok %d %s # rc=%d\n", ++plan->step, id, rc);
+		else if (plan)
+			printf("ok %d %s\n", ++plan->step, id);
+
+		while (waitpid(-1, NULL, WNOHANG) > 0)
+			;
+	}
+}
+
+static void run_plan(const char *path)
+{
+	struct plan_state plan = { .scenario = "" };
+	FILE *f = fopen(path, "r");
+
+	if (!f) {
+		printf("@@LAB:PLAN-ERROR %s: %s@@\n", path, strerror(errno));
+		return;
+	}
+	/*
+	 * A reader of the plan (LAVA's monitors) matches whole lines: a late
+	 * kernel message (the TSC's refined calibration, seconds after boot)
+	 * must not land inside one. Informational messages stay in the log.
+	 */
+	if (klogctl(SYSLOG_CONSOLE_LEVEL, NULL, PLAN_CONSOLE_LEVEL))
+		printf("lab-init: console log level: %s\n", strerror(errno));
+	printf("@@LAB:PLAN %s@@\n", path);
+	serve_lines(f, &plan);
+	fclose(f);
+	plan_scenario(&plan, "");
+	printf("@@LAB:PLAN-END %s@@\n", path);
+}
+
+int main(int argc, char **argv)
+{
+	struct utsname uts;
+	const char *plan;
+	bool runner;
 
 	runner = argc > 1 && !strcmp(argv[1], "--runner");
 	if (getpid() != 1 && !runner) {
@@ -249,39 +373,16 @@ int main(int argc, char **argv)
 	uname(&uts);
 	printf("@@LAB:READY %s %s@@\n", uts.release, uts.machine);
 
-	while (fgets(line, sizeof(line), stdin)) {
-		line[strcspn(line, "\r\n")] = '\0';
-		id = strtok(line, " ");
-		verb = strtok(NULL, " ");
-		rest = strtok(NULL, "");
-		if (!id || !verb)
-			continue;
-		number = strtol(id, &end, 10);
-		if (*end || number <= 0) {
-			printf("lab-init: bad command id %s\n", id);
-			continue;
-		}
-		if (number <= last) {
-			printf("@@LAB:SEEN %s@@\n", id);
-			continue;
-		}
-		last = number;
-
-		printf("@@LAB:BEGIN %s@@\n", id);
-		if (!strcmp(verb, "poweroff")) {
-			printf("@@LAB:END %s rc=0@@\n", id);
-			break;
-		}
-		rc = serve(verb, rest ? rest : "");
-		printf("@@LAB:END %s rc=%d@@\n", id, rc);
-
-		while (waitpid(-1, NULL, WNOHANG) > 0)
-			;
-	}
+	plan = runner ? NULL : plan_path();
+	if (plan)
+		run_plan(plan);
+	else
+		serve_lines(stdin, NULL);
 
 	/*
-	 * Asked to stop, or the console closed. As init, power off; as a
-	 * runner, exit and let vng's init power off and pass the status on.
+	 * Asked to stop, the console closed, or the plan ran. As init, power
+	 * off; as a runner, exit and let vng's init power off and pass the
+	 * status on.
 	 */
 	if (runner)
 		return 0;

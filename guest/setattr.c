@@ -5,6 +5,7 @@
  *   setattr --policy other|batch|idle|fifo|rr|deadline [--priority N]
  *           [--nice N] [--runtime NS --deadline NS --period NS]
  *           [--use setattr|setscheduler] [--expect-errno NAME]
+ *           [--expect-hook CALLS]
  *
  * --use picks the syscall: sched_setattr() (default) or the older
  * sched_setscheduler(), which only takes a policy and a priority.
@@ -12,8 +13,10 @@
  * Diagnostics: pid, the policy before and after, the return value and
  * errno. --expect-errno adds two KTAP tests: the errno, and that the
  * policy is the new one after a success and the old one after a failure.
+ * --expect-hook adds one more: the test LSM's record of this task's calls
+ * (see hooklog.h).
  */
-#include "ktap.h"
+#include "hooklog.h"
 
 #include <getopt.h>
 #include <stdint.h>
@@ -73,10 +76,11 @@ int main(int argc, char **argv)
 		{ "period", required_argument, NULL, 'T' },
 		{ "use", required_argument, NULL, 'u' },
 		{ "expect-errno", required_argument, NULL, 'e' },
+		{ "expect-hook", required_argument, NULL, 'k' },
 		{ NULL, 0, NULL, 0 },
 	};
 	struct lab_sched_attr attr = { .size = sizeof(attr) };
-	const char *exp_errno = NULL, *use = "setattr";
+	const char *exp_errno = NULL, *exp_hook = NULL, *use = "setattr";
 	struct sched_param param;
 	int opt, ret, err, policy = -1, before, after;
 	char why[128];
@@ -107,6 +111,9 @@ int main(int argc, char **argv)
 		case 'e':
 			exp_errno = optarg;
 			break;
+		case 'k':
+			exp_hook = optarg;
+			break;
 		default:
 			errno = EINVAL;
 			harness_fail("usage");
@@ -118,7 +125,7 @@ int main(int argc, char **argv)
 	}
 	attr.sched_policy = policy;
 
-	ktap_header(exp_errno ? 2 : 0);
+	ktap_header((exp_errno ? 2 : 0) + !!exp_hook);
 	ktap_diag("pid", "%d", getpid());
 	before = sched_getscheduler(0);
 	ktap_diag("policy_before", "%s", policy_name(before));
@@ -151,5 +158,7 @@ int main(int argc, char **argv)
 		ktap_result(after == (err ? before : policy),
 			    "policy_after_call", why);
 	}
+	if (exp_hook)
+		ktap_expect_hook("hook_calls", exp_hook);
 	return 0;
 }

@@ -74,6 +74,8 @@ class Arch:
     no_cpu_hotplug: str = ""
     # Why a BPF LSM cannot run on this arch ("" if it can).
     no_bpf_lsm: str = ""
+    # The arch of LAVA's qemu device type (job context "arch").
+    lava_arch: str = ""
 
     @property
     def cc(self) -> str:
@@ -114,6 +116,7 @@ X86_64 = Arch(
     setaffinity_entry="__x64_sys_sched_setaffinity",
     # The PS/2 mouse probe prints late and asynchronously: no mouse port.
     cmdline=("i8042.noaux",),
+    lava_arch="amd64",
 )
 
 MIPS = Arch(
@@ -160,6 +163,7 @@ MIPS = Arch(
         "in take_cpu_down (measured on 6.12)"
     ),
     no_bpf_lsm="MIPS has no BPF trampolines, which BPF LSM programs need",
+    lava_arch="mips",
 )
 
 ARCHES: dict[str, Arch] = {arch.name: arch for arch in (X86_64, MIPS)}

@@ -4,6 +4,9 @@ lab doctor               what this host has and lacks, KVM or not
 lab build --arch A       build (or find in the cache) the kernel
 lab test [pytest args]   run the checks: pytest with the lab's tests
 lab bisect [--arch A]    a `git bisect run` step: 0 good, 1 bad, 125 skip
+lab lava-job --arch A    export a LAVA job that runs the lab's plan
+lab lava-run DIR         run an exported job here with lava-run (root)
+lab lava-results LOG     read a LAVA log back: summary, JUnit XML
 """
 
 from __future__ import annotations
@@ -137,6 +140,77 @@ def cmd_bisect(args: argparse.Namespace, rest: list[str]) -> int:
     return code
 
 
+def cmd_lava_job(args: argparse.Namespace) -> int:
+    """Build (or find) kernel and guest programs, write the LAVA job."""
+    from lab import lava
+    from lab.guest import build_guest
+    from lab.plan import build_plan
+
+    arch = get_arch(args.arch)
+    cache = LabCache(args.lab_cache)
+    progress = Progress()
+    kernel = build_kernel(arch, _source(args), cache, progress, jobs=args.jobs)
+    bundle = build_guest(arch, cache, progress)
+    plan = build_plan(arch, kernel)
+    output = (args.output or Path(f"lava-{arch.name}")).resolve()
+    job = lava.export_job(arch, kernel, bundle, plan, output, args.url_base)
+    cases = sum(len(s.cases()) for s in plan.scenarios)
+    print(
+        f"{job.job}\n  {arch.name} {kernel.release}: {len(plan.scenarios)} "
+        f"scenarios, {cases} test cases\n  kernel {job.kernel}\n"
+        f"  ramdisk {job.ramdisk} (the plan: {job.directory / lava.PLAN_FILE})"
+    )
+    if args.url_base:
+        print(f"  images at {args.url_base}: serve {output} there, then")
+        print(f"  lavacli jobs submit {job.job}")
+    else:
+        print(f"  run it here: lab lava-run {output}")
+    return 0
+
+
+def cmd_lava_run(args: argparse.Namespace) -> int:
+    """Run an exported job with lava-run; print and write its results."""
+    from lab import lava
+
+    job_dir = args.job_dir.resolve()
+    if not (job_dir / lava.JOB_FILE).is_file():
+        print(f"lab lava-run: no {lava.JOB_FILE} in {job_dir}", file=sys.stderr)
+        return 2
+    out = (args.output or job_dir / "lava-out").resolve()
+    expected = lava.expected_cases(job_dir)
+    log_path = lava.run_lava(job_dir, out, Progress())
+    return _report_lava(log_path, args.junit or out / "junit.xml", expected)
+
+
+def cmd_lava_results(args: argparse.Namespace) -> int:
+    from lab import lava
+
+    expected = lava.expected_cases(args.job) if args.job else None
+    return _report_lava(args.log, args.junit, expected)
+
+
+def _report_lava(
+    log_path: Path, junit: Path | None, expected: set[tuple[str, str]] | None
+) -> int:
+    from lab import lava
+
+    results = lava.read_results(log_path)
+    for case in results.cases:
+        print(f"{case.result:5} {case.scenario}/{case.case}")
+    problems = results.problems(expected)
+    print(
+        f"LAVA job: {results.job_result or 'no verdict'}; "
+        f"{sum(c.result == 'pass' for c in results.cases)} of "
+        f"{len(results.cases)} test cases passed (log: {log_path})"
+    )
+    for problem in problems:
+        print(f"  {problem}")
+    if junit is not None:
+        junit.write_text(lava.junit_xml(results))
+        print(f"JUnit XML: {junit}")
+    return 1 if problems else 0
+
+
 def cmd_test(args: argparse.Namespace, rest: list[str]) -> int:
     import pytest
 
@@ -167,6 +241,36 @@ def main(argv: list[str] | None = None) -> int:
     )
     _source_args(bis)
     bis.set_defaults(kernel_tree=Path.cwd())
+    job = sub.add_parser(
+        "lava-job", help="export a LAVA job (qemu device type) running the plan"
+    )
+    job.add_argument("--arch", default="x86_64")
+    job.add_argument("--jobs", type=int, default=None)
+    job.add_argument(
+        "--output", type=Path, default=None, help="job directory (default: lava-ARCH)"
+    )
+    job.add_argument(
+        "--url-base",
+        default=None,
+        help="URL the job's images are served from, for a LAVA instance "
+        "(default: file:// paths, for lava-run here)",
+    )
+    _source_args(job)
+    run = sub.add_parser("lava-run", help="run an exported job here with lava-run")
+    run.add_argument("job_dir", type=Path)
+    run.add_argument(
+        "--output", type=Path, default=None, help="default: JOB_DIR/lava-out"
+    )
+    run.add_argument("--junit", type=Path, default=None)
+    res = sub.add_parser("lava-results", help="read a LAVA log back into JUnit XML")
+    res.add_argument("log", type=Path, help="lava-run's log, or a job's output.yaml")
+    res.add_argument("--junit", type=Path, default=None)
+    res.add_argument(
+        "--job",
+        type=Path,
+        default=None,
+        help="the exported job directory: report its cases that are missing",
+    )
 
     args, rest = parser.parse_known_args(argv)
     try:
@@ -178,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_build(args)
         if args.command == "bisect":
             return cmd_bisect(args, rest)
+        if args.command == "lava-job":
+            return cmd_lava_job(args)
+        if args.command == "lava-run":
+            return cmd_lava_run(args)
+        if args.command == "lava-results":
+            return cmd_lava_results(args)
         return cmd_test(args, rest)
     except (LabError, UnknownArch) as err:
         print(f"lab: {err}", file=sys.stderr)

@@ -157,6 +157,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vng: tests of the virtme-ng launcher")
     config.addinivalue_line("markers", "bisect: the end-to-end git bisect run test")
     config.addinivalue_line(
+        "markers", "lava: the LAVA export, run with Debian's lava-run"
+    )
+    config.addinivalue_line(
         "markers", "dirties_guest: the check leaves its guest unusable; run it last"
     )
     config.addinivalue_line(

@@ -1,0 +1,259 @@
+"""The LAVA export: the job and device YAML, the monitors' pattern on a
+real plan console, and the results read back from real lava-run logs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import xml.etree.ElementTree as ET
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from kernels import EXPANDED_KERNEL
+
+from lab import lava
+from lab.arches import MIPS, X86_64
+from lab.cli import main
+from lab.guest import GuestBundle
+from lab.plan import PLAN_ARG, build_plan
+
+DATA = Path(__file__).parent / "data"
+KERNEL = replace(EXPANDED_KERNEL, hook_has_attr=True)
+DEBIAN_PYTHON = Path("/usr/bin/python3")
+
+
+@pytest.fixture
+def job_dir(tmp_path: Path) -> Path:
+    """An exported job from stand-in kernel and initramfs files."""
+    entry = tmp_path / "entry"
+    entry.mkdir()
+    (entry / "bzImage").write_bytes(b"kernel")
+    (entry / "initramfs.cpio.gz").write_bytes(b"initramfs")
+    kernel = replace(KERNEL, image=entry / "bzImage")
+    bundle = GuestBundle("x86_64", entry, entry / "initramfs.cpio.gz")
+    lava.export_job(
+        X86_64, kernel, bundle, build_plan(X86_64, kernel), tmp_path / "job"
+    )
+    return tmp_path / "job"
+
+
+def test_job_is_a_qemu_tmpfs_job_with_one_monitor_per_scenario(job_dir: Path) -> None:
+    job = yaml.safe_load((job_dir / lava.JOB_FILE).read_text())
+    deploy, boot, test = (next(iter(a.values())) for a in job["actions"])
+
+    assert job["device_type"] == "qemu"
+    assert job["context"]["arch"] == "amd64"
+    assert "-smp 2" in job["context"]["extra_options"]
+    assert deploy["to"] == "tmpfs"
+    assert deploy["images"]["kernel"]["url"] == (job_dir / "bzImage").as_uri()
+    assert PLAN_ARG in deploy["images"]["kernel"]["image_arg"]
+    assert "console=ttyS0" in deploy["images"]["kernel"]["image_arg"]
+    assert deploy["images"]["ramdisk"]["image_arg"] == "-initrd {ramdisk}"
+    assert (boot["method"], boot["media"]) == ("qemu", "tmpfs")
+    names = [m["name"] for m in test["monitors"]]
+    assert names == [s.name for s in build_plan(X86_64, KERNEL).scenarios]
+    assert test["monitors"][0]["start"] == f"@@LAB:SCENARIO {names[0]}@@"
+
+
+def test_ramdisk_is_the_initramfs_followed_by_the_plan(job_dir: Path) -> None:
+    ramdisk = (job_dir / lava.RAMDISK_FILE).read_bytes()
+    plan = build_plan(X86_64, KERNEL)
+
+    assert ramdisk == b"initramfs" + plan.archive()
+    assert (job_dir / lava.PLAN_FILE).read_text() == plan.text()
+    assert lava.expected_cases(job_dir) == plan.expected_cases()
+
+
+def test_url_base_points_the_images_at_a_web_server(tmp_path: Path) -> None:
+    image = tmp_path / "bzImage"
+    image.write_bytes(b"kernel")
+    plan = build_plan(X86_64, KERNEL)
+
+    job = lava.job_definition(
+        X86_64, KERNEL, plan, image, image, url_base="http://lab.example/jobs/1/"
+    )
+
+    images = job["actions"][0]["deploy"]["images"]
+    assert images["kernel"]["url"] == "http://lab.example/jobs/1/bzImage"
+    assert images["kernel"]["sha256sum"] == lava.file_sha256(image)
+
+
+def test_device_dictionary_boots_the_lab_machine_without_network() -> None:
+    device = lava.device_dictionary(MIPS)
+    qemu = device["actions"]["boot"]["methods"]["qemu"]["parameters"]
+
+    assert device["available_architectures"] == ["mips"]
+    assert qemu["command"] == "qemu-system-mips"
+    assert "-machine malta" in qemu["options"]
+    assert "-net none" in qemu["options"]
+    assert qemu["extra"] == ["-cpu 34Kf", "-smp 2", "-no-reboot"]
+
+
+@pytest.mark.skipif(
+    not DEBIAN_PYTHON.exists()
+    or subprocess.run(
+        [str(DEBIAN_PYTHON), "-c", "import lava_common"], capture_output=True
+    ).returncode,
+    reason="lava-dispatcher (Debian) is not installed",
+)
+def test_job_and_device_pass_lava_schemas(job_dir: Path) -> None:
+    """lava_common's own validation, in Debian's Python where it lives."""
+    check = (
+        "import sys, yaml\n"
+        "from lava_common.schemas import validate\n"
+        "from lava_common.schemas.device import validate as validate_device\n"
+        "validate(yaml.safe_load(open(sys.argv[1])))\n"
+        "validate_device(yaml.safe_load(open(sys.argv[2])))\n"
+    )
+    proc = subprocess.run(
+        [
+            str(DEBIAN_PYTHON),
+            "-c",
+            check,
+            str(job_dir / lava.JOB_FILE),
+            str(job_dir / lava.DEVICE_FILE),
+        ],
+        capture_output=True,
+        text=True,
+    )
+
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_monitor_pattern_finds_every_case_of_a_plan_console() -> None:
+    """The console of a real plan boot (as lava-run logged it)."""
+    console = (DATA / "plan_console.log").read_text()
+    pattern = re.compile(lava.MONITOR_PATTERN)
+    plan = build_plan(X86_64, KERNEL)
+
+    found = set()
+    for scenario in plan.scenarios:
+        start = console.index(f"@@LAB:SCENARIO {scenario.name}@@")
+        end = console.index(f"@@LAB:SCENARIO-END {scenario.name}@@")
+        for m in pattern.finditer(console, start, end):
+            assert lava.MONITOR_FIXUP[m["result"]] == "pass"
+            found.add((scenario.name, m["test_case_id"]))
+
+    assert found == plan.expected_cases()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("ok 2 clear_rule\r\n", ("ok", "clear_rule")),
+        (
+            "not ok 5 hook_calls # got none:0, expected none:0;0-1:0\r\n",
+            ("not ok", "hook_calls"),
+        ),  # fmt: skip
+        ("not ok 4 make_cpuset # rc=1\r\n", ("not ok", "make_cpuset")),
+        # A line still arriving: LAVA must wait for the whole name.
+        ("ok 2 clea", None),
+        ("# hook_calls: none:0\r\n", None),
+    ],
+)
+def test_monitor_pattern_on_ktap_lines(
+    text: str, expected: tuple[str, str] | None
+) -> None:
+    m = re.search(lava.MONITOR_PATTERN, text)
+
+    assert (m and (m["result"], m["test_case_id"])) == expected
+
+
+def test_results_of_a_real_lava_run() -> None:
+    results = lava.read_results(DATA / "lava_run.log")
+    plan = build_plan(X86_64, KERNEL)
+
+    assert results.job_result == "pass"
+    assert {c.key for c in results.cases} == plan.expected_cases()
+    assert {c.result for c in results.cases} == {"pass"}
+    assert results.problems(plan.expected_cases()) == []
+
+
+def test_a_failed_case_is_a_problem_and_a_junit_failure() -> None:
+    results = lava.read_results(DATA / "lava_run_case_failed.log")
+
+    assert results.job_result == "pass"
+    assert results.problems() == ["untruncated_mask_in_cpuset/hook_calls: fail"]
+    suites = ET.fromstring(lava.junit_xml(results))
+    failed = [
+        case.get("name")
+        for case in suites.iter("testcase")
+        if case.find("failure") is not None
+    ]
+    assert failed == ["hook_calls"]
+
+
+def test_server_output_yaml_reads_the_same(tmp_path: Path) -> None:
+    """A LAVA server's output.yaml is the same lines as a YAML list."""
+    lines = (DATA / "lava_run.log").read_text().splitlines()
+    server_log = tmp_path / "output.yaml"
+    server_log.write_text("".join(f"- {line}\n" for line in lines))
+
+    assert lava.read_results(server_log) == lava.read_results(DATA / "lava_run.log")
+
+
+def test_an_incomplete_job_and_missing_cases_are_problems(tmp_path: Path) -> None:
+    log = tmp_path / "lava.log"
+    log.write_text(
+        '{"dt": "2026-12-04T19:16:05", "lvl": "results", "msg": {"case": '
+        '"clear_log", "definition": "deny_rule_refuses_mask", "result": "pass"}}\n'
+        '{"dt": "2026-12-04T19:16:09", "lvl": "results", "msg": {"case": "job", '
+        '"definition": "lava", "result": "fail", "error_msg": "lava test '
+        'monitoring reached end of file", "error_type": "Test"}}\n'
+    )
+    expected = {("deny_rule_refuses_mask", "clear_log"), ("x", "hook_calls")}
+
+    problems = lava.read_results(log).problems(expected)
+
+    assert problems == [
+        "the LAVA job did not complete: lava test monitoring reached end of file",
+        "x/hook_calls: missing",
+    ]
+
+
+def test_a_log_without_results_is_an_error(tmp_path: Path) -> None:
+    log = tmp_path / "lava.log"
+    log.write_text("lava-run should be executed as root\n")
+
+    with pytest.raises(lava.LavaError, match="no LAVA results"):
+        lava.read_results(log)
+
+
+def test_lava_run_command_uses_the_jobs_device(tmp_path: Path) -> None:
+    argv = lava.lava_run_argv(tmp_path / "job", tmp_path / "out")
+
+    assert argv[0] == "lava-run"
+    assert argv[argv.index("--device") + 1] == str(tmp_path / "job" / "device.yaml")
+    assert argv[-1] == str(tmp_path / "job" / "job.yaml")
+
+
+def test_lava_results_command_writes_junit_and_exits_by_outcome(
+    tmp_path: Path, job_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    junit = tmp_path / "junit.xml"
+
+    passed = main(["lava-results", str(DATA / "lava_run.log"), "--junit", str(junit)])
+    failed = main(["lava-results", str(DATA / "lava_run_case_failed.log")])
+
+    assert (passed, failed) == (0, 1)
+    assert len(list(ET.parse(junit).iter("testcase"))) == 51  # 50 cases + lava/job
+    out = capsys.readouterr().out
+    assert "50 of 50 test cases passed" in out
+    assert "untruncated_mask_in_cpuset/hook_calls: fail" in out
+
+
+def test_lava_results_command_names_cases_the_job_did_not_report(
+    tmp_path: Path, job_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "lava.log"
+    lines = (DATA / "lava_run.log").read_text().splitlines()
+    log.write_text("\n".join(line for line in lines if "drop_rule" not in line))
+
+    status = main(["lava-results", str(log), "--job", str(job_dir)])
+
+    assert status == 1
+    out = capsys.readouterr().out
+    assert "deny_rule_refuses_mask/drop_rule: missing" in out
+    assert "rt_rule_refuses_fifo_99/drop_rule: missing" in out
