@@ -101,18 +101,8 @@ class BootedGuest:
         self._log_file = self.console_log.open("ab")
         log.info("boot: %s", shlex.join(self.argv))
         started = time.monotonic()
-        try:
-            self.child = pexpect.spawn(
-                self.argv[0], self.argv[1:], env=self.env, echo=False, timeout=None
-            )
-        except pexpect.ExceptionPexpect as err:
-            raise BootError(f"could not start {self.argv[0]}: {err}") from err
+        self.child = self._spawn()
         self.child.logfile_read = self._log_file
-        # pexpect sleeps 50 ms before every send (for programs that turn echo
-        # off late) and 100 ms after closing the pty; lab-init needs neither,
-        # and one check sends it ten commands or more.
-        self.child.delaybeforesend = None
-        self.child.ptyproc.delayafterclose = 0.0
         for line in self.startup:
             self.child.sendline(line)
 
@@ -267,6 +257,22 @@ class BootedGuest:
         self.command("umount", target)
 
     # -- internals -----------------------------------------------------
+
+    def _spawn(self) -> pexpect.spawn:
+        """Start QEMU here, its console on a pty (lab/remote.py starts it
+        on another host)."""
+        try:
+            child = pexpect.spawn(
+                self.argv[0], self.argv[1:], env=self.env, echo=False, timeout=None
+            )
+        except pexpect.ExceptionPexpect as err:
+            raise BootError(f"could not start {self.argv[0]}: {err}") from err
+        # pexpect sleeps 50 ms before every send (for programs that turn echo
+        # off late) and 100 ms after closing the pty; lab-init needs neither,
+        # and one check sends it ten commands or more.
+        child.delaybeforesend = None
+        child.ptyproc.delayafterclose = 0.0
+        return child
 
     def _handshake(self, tries: int = 3) -> None:
         """Make sure lab-init reads what we send before the first check.

@@ -4,7 +4,8 @@ the booted guest that the checks share.
 The plugin and the `lab` command both drive a LabRun. A guest is booted
 once and reused; when a check leaves it crashed or hung, the next check
 gets a fresh boot. Every boot writes its console log and QEMU command
-into the run's results directory.
+into the run's results directory. QEMU runs on this machine, or on the
+--lab-host (lab/remote.py) the run logs in to on first need.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from lab.kbuild import (
     resolve_source,
 )
 from lab.progress import Progress
-from lab.qemu import AccelChoice, choose_accel, qemu_argv, require_qemu
+from lab.qemu import LOCAL_HOST, AccelChoice, QemuHost, choose_accel, qemu_argv
+from lab.remote import HostAddress, RemoteHost
 from lab.report import RunResults
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,10 @@ class LabOptions:
     check_timeout: float = 30.0
     # Ends the run id: the xdist worker (gw0) under pytest -n, else "".
     run_label: str = ""
+    # --lab-host: QEMU runs there, over SSH; None: on this machine.
+    lab_host: HostAddress | None = None
+    lab_host_key: Path | None = None
+    lab_host_known_hosts: Path | None = None
 
 
 @dataclass
@@ -81,11 +87,36 @@ class LabRun:
         self.results = RunResults.create(options.results, options.run_label)
         self.source = options.source
         self.states: dict[str, ArchState] = {}
+        self._qemu_host: QemuHost | None = None
+        self._qemu_host_failure: LabError | None = None
 
     def state(self, arch_name: str) -> ArchState:
         if arch_name not in self.states:
             self.states[arch_name] = ArchState(get_arch(arch_name))
         return self.states[arch_name]
+
+    @property
+    def qemu_host(self) -> QemuHost:
+        """Where QEMU runs: this machine, or the --lab-host (logged in once;
+        a failure to log in is kept and given to every later check)."""
+        if self._qemu_host_failure is not None:
+            raise self._qemu_host_failure
+        if self._qemu_host is None:
+            address = self.options.lab_host
+            if address is None:
+                self._qemu_host = LOCAL_HOST
+            else:
+                try:
+                    self._qemu_host = RemoteHost.connect(
+                        address,
+                        self.options.lab_host_key,
+                        self.options.lab_host_known_hosts,
+                        self.progress,
+                    )
+                except LabError as err:
+                    self._qemu_host_failure = err
+                    raise
+        return self._qemu_host
 
     # -- phases ----------------------------------------------------------
 
@@ -131,7 +162,8 @@ class LabRun:
         if state.accel is None:
             kernel = self.kernel(arch_name)
             bundle = self.bundle(arch_name)
-            require_qemu(state.arch)
+            host = self.qemu_host
+            host.require_qemu(state.arch)
             state.accel = choose_accel(
                 self.options.accel,
                 state.arch,
@@ -139,6 +171,7 @@ class LabRun:
                 bundle.initramfs,
                 self.cache,
                 self.progress,
+                host=host,
             )
             self.results.set_accel(state.arch, state.accel)
         return state.accel
@@ -156,6 +189,14 @@ class LabRun:
         state.guest = self._boot(state, self.kernel(arch_name), self.bundle(arch_name))
         return state.guest
 
+    def qemu_guest(
+        self, arch_name: str, argv: list[str], console_log: Path
+    ) -> BootedGuest:
+        """A guest (not booted yet) of a plain QEMU command, on the run's
+        QEMU host: the files the command names are copied there first."""
+        state = self.state(arch_name)
+        return self.qemu_host.guest(argv, console_log, "/bin", self.timeouts(state))
+
     def _boot(
         self, state: ArchState, kernel: KernelImage, bundle: GuestBundle
     ) -> BootedGuest:
@@ -171,6 +212,15 @@ class LabRun:
                 # read from their cache entry, not from an initramfs.
                 archive = bpf.build_bpf(state.arch, kernel, self.cache, self.progress)
                 launch.more_program_dirs.append(str(archive.parent / "bin"))
+            guest = BootedGuest(
+                launch.argv,
+                console_log,
+                launch.program_dir,
+                self.timeouts(state),
+                env=launch.env,
+                startup=launch.startup,
+                more_program_dirs=launch.more_program_dirs,
+            )
         else:
             initrd = bundle.initramfs
             if not state.arch.no_bpf_lsm and kernel.vmlinux_h is not None:
@@ -178,25 +228,16 @@ class LabRun:
                 initrd = bpf.boot_initrd(
                     state.arch, kernel, initrd, self.cache, self.progress
                 )
-            launch = vng.Launch(
-                qemu_argv(state.arch, kernel.image, initrd, state.accel.accel),
-                program_dir="/bin",
-            )
+            argv = qemu_argv(state.arch, kernel.image, initrd, state.accel.accel)
+            guest = self.qemu_guest(state.arch.name, argv, console_log)
         self.results.boot_file(state.arch, "qemu.cmd", number).write_text(
-            shlex.join(launch.argv) + "\n"
-        )
-        guest = BootedGuest(
-            launch.argv,
-            console_log,
-            launch.program_dir,
-            self.timeouts(state),
-            env=launch.env,
-            startup=launch.startup,
-            more_program_dirs=launch.more_program_dirs,
+            self._where() + shlex.join(guest.argv) + "\n"
         )
         self.progress.phase(
             f"boot {state.arch.name}: {kernel.release} under "
-            f"{state.accel.accel.upper()} ({self.options.launcher}), boot {number}"
+            f"{state.accel.accel.upper()} ({self.options.launcher}"
+            f"{' on ' + str(self.options.lab_host) if self.options.lab_host else ''})"
+            f", boot {number}"
         )
         try:
             seconds = guest.boot()
@@ -208,6 +249,12 @@ class LabRun:
         self.progress.phase(f"boot {state.arch.name}: up in {seconds:.1f} s")
         return guest
 
+    def _where(self) -> str:
+        """qemu.cmd's first line for a QEMU on the --lab-host."""
+        if self.options.lab_host is None:
+            return ""
+        return f"# run on {self.options.lab_host}, in the run's temporary directory\n"
+
     def retire_guest(self, arch_name: str) -> None:
         """Power off the arch's guest: a check left it in a state the next
         checks must not inherit (a cgroup v1 mount, an offline CPU)."""
@@ -218,12 +265,18 @@ class LabRun:
 
     def close(self, kill: bool = False) -> None:
         """Power off (or kill) every guest and write the run's summary;
-        kill is for an interrupted run."""
-        for state in self.states.values():
-            if state.guest is not None:
-                if kill:
-                    state.guest.kill()
-                else:
-                    state.guest.poweroff()
-                state.guest = None
-        self.results.finish(interrupted=kill)
+        kill is for an interrupted run. On a --lab-host, what still runs
+        there is killed and the run's directory removed."""
+        try:
+            for state in self.states.values():
+                if state.guest is not None:
+                    if kill:
+                        state.guest.kill()
+                    else:
+                        state.guest.poweroff()
+                    state.guest = None
+        finally:
+            if self._qemu_host is not None:
+                self._qemu_host.close()
+                self._qemu_host = None
+            self.results.finish(interrupted=kill)
