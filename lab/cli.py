@@ -16,11 +16,13 @@ import sys
 from pathlib import Path
 
 from lab.arches import ARCHES, UnknownArch, get_arch
+from lab.bisect import ABORT
 from lab.cache import DEFAULT_CACHE, LabCache
 from lab.errors import LabError
 from lab.kbuild import DEFAULT_TARBALL, KernelSource, build_kernel, resolve_source
 from lab.progress import Progress
 from lab.qemu import host_identity, kvm_precondition
+from lab.remote import HostAddress, lab_host_args
 
 LAB_TESTS = Path(__file__).resolve().parent.parent / "tests"
 
@@ -39,6 +41,13 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
         "for the default source)",
     )
     parser.add_argument("--lab-cache", type=Path, default=DEFAULT_CACHE)
+
+
+def _host_address(text: str) -> HostAddress:
+    try:
+        return HostAddress.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _source(args: argparse.Namespace) -> KernelSource:
@@ -110,6 +119,14 @@ def cmd_bisect(args: argparse.Namespace, rest: list[str]) -> int:
     results = (args.lab_results or cache / "bisect-results").expanduser().resolve()
     results.mkdir(parents=True, exist_ok=True)
     selection = f"{args.arch} and not vng and not bisect and not selftest"
+    # Paths resolved here: pytest reads them after the chdir below.
+    lab_host = lab_host_args(
+        args.lab_host,
+        args.lab_host_key.expanduser().resolve() if args.lab_host_key else None,
+        args.lab_host_known_hosts.expanduser().resolve()
+        if args.lab_host_known_hosts
+        else None,
+    )
     argv = [
         str(LAB_TESTS / "lab"),
         "-m", selection,
@@ -118,6 +135,7 @@ def cmd_bisect(args: argparse.Namespace, rest: list[str]) -> int:
         "--lab-results", str(results),
         "-p", "no:cacheprovider",
         *(["--lab-series", args.lab_series] if args.lab_series else []),
+        *lab_host,
         *rest,
     ]  # fmt: skip
     print(f"lab bisect: pytest {' '.join(argv)}", file=sys.stderr)
@@ -166,9 +184,20 @@ def main(argv: list[str] | None = None) -> int:
         "--lab-results", type=Path, default=DEFAULT_CACHE / "bisect-results"
     )
     _source_args(bis)
+    bis.add_argument("--lab-host", type=_host_address, default=None)
+    bis.add_argument("--lab-host-key", type=Path, default=None)
+    bis.add_argument("--lab-host-known-hosts", type=Path, default=None)
     bis.set_defaults(kernel_tree=Path.cwd())
 
-    args, rest = parser.parse_known_args(argv)
+    try:
+        args, rest = parser.parse_known_args(argv)
+    except SystemExit as stop:
+        # argparse exits 2 on a usage error, which git bisect run takes for
+        # "bad": a mistake in a bisect step's options must stop the bisect.
+        words = sys.argv[1:] if argv is None else argv
+        if stop.code == 2 and words[:1] == ["bisect"]:
+            return ABORT
+        raise
     try:
         if args.command == "doctor":
             return cmd_doctor(args)

@@ -98,6 +98,20 @@ class HostAddress:
         return self.host if self.port == 22 else f"[{self.host}]:{self.port}"
 
 
+def lab_host_args(
+    address: HostAddress | None, key_file: Path | None, known_hosts: Path | None
+) -> list[str]:
+    """The pytest options that name this --lab-host (for a nested run)."""
+    if address is None:
+        return []
+    args = [f"--lab-host={address}"]
+    if key_file is not None:
+        args.append(f"--lab-host-key={key_file}")
+    if known_hosts is not None:
+        args.append(f"--lab-host-known-hosts={known_hosts}")
+    return args
+
+
 def fingerprint(key: paramiko.PKey) -> str:
     """SHA256:... as ssh-keygen -l prints it."""
     digest = hashlib.sha256(key.asbytes()).digest()
@@ -389,15 +403,16 @@ class RemoteHost:
         return None
 
     def identity(self, arch: Arch) -> str:
-        """What decides whether KVM works there; names the host (cache key)."""
+        """What decides whether KVM works there (the probe's cache key): the
+        user and host (not the port: a way in, not a machine), its kernel,
+        CPU, QEMU and KVM modules."""
         status, out, err = self.run(["sh", "-c", IDENTITY_SCRIPT, "sh", arch.qemu])
         if status != 0:
             raise RemoteHostError(
                 f"cannot describe {self.name} for the KVM probe: {err.strip()}"
             )
-        return "|".join(
-            ("remote " + self.name, arch.name, self.machine(), *out.splitlines())
-        )
+        who = f"remote {self.address.user}@{self.address.host}"
+        return "|".join((who, arch.name, self.machine(), *out.splitlines()))
 
     def probe_kvm(self, arch: Arch, image: Path, initramfs: Path) -> tuple[bool, str]:
         return qemu.probe_kvm(arch, image, initramfs, host=self)
@@ -470,12 +485,14 @@ class RemoteHost:
         self._started += 1
         pid_file = f"{self.workdir()}/qemu.{self._started}.pid"
         # The pid file lets close() kill this QEMU; exec keeps the pid. The
-        # outer shell stays, to report a death by signal as 128+N.
+        # outer shell stays, to report a death by signal as 128+N; its own
+        # stderr goes nowhere (it would add "Aborted <command>" to the
+        # console), QEMU's to the pty.
         inner = 'echo $$ > "$1" && shift && exec "$@"'
         command = (
-            f"cd {shlex.quote(self.workdir())} && "
+            f"cd {shlex.quote(self.workdir())} && exec 3>&2 2>/dev/null && "
             f"sh -c {shlex.quote(inner)} sh {shlex.quote(pid_file)} "
-            f"{shlex.join(argv)}; exit $?"
+            f"{shlex.join(argv)} 2>&3 3>&-; exit $?"
         )
         log.info("remote %s: %s", self.name, command)
         try:

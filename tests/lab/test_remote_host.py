@@ -291,17 +291,21 @@ def test_remote_qemu_ends_when_the_connection_drops(
     """If the lab dies without cleaning up (its SSH connection just
     closes), sshd hangs up QEMU's pty and QEMU ends."""
     run = remote_lab_run(lab_run, sshd, "dropped")
-    run.guest(lab_arch)
-    host = remote_host(run)
-    workdir = host.remote_dir
-    assert workdir is not None and processes_in(workdir)
+    try:
+        run.guest(lab_arch)
+        host = remote_host(run)
+        workdir = host.remote_dir
+        assert workdir is not None and processes_in(workdir)
 
-    transport = host.client.get_transport()
-    assert transport is not None
-    transport.close()
-
-    left = wait_until_gone(workdir)
-    shutil.rmtree(workdir, ignore_errors=True)
+        transport = host.client.get_transport()
+        assert transport is not None
+        transport.close()
+        left = wait_until_gone(workdir)
+    finally:
+        run.close(kill=True)
+    # Nobody was left to remove it.
+    assert Path(workdir).is_dir()
+    shutil.rmtree(workdir)
     assert left == [], f"still running after the connection dropped: {left}"
 
 

@@ -85,12 +85,11 @@ def selinux_boot(
     cmdline = selinux.boot_cmdline(kernel.config.read_text())
     argv = qemu_argv(arch, kernel.image, initrd, accel.accel, extra_cmdline=cmdline)
     arch_dir = lab_run.results.arch_dir(arch)
-    (arch_dir / "qemu.selinux.cmd").write_text(shlex.join(argv) + "\n")
     console_log = arch_dir / "console.selinux.log"
     start = console_log.stat().st_size if console_log.exists() else 0
-    guest = BootedGuest(
-        argv, console_log, "/bin", lab_run.timeouts(lab_run.state(lab_arch))
-    )
+    # On the run's QEMU host: this machine, or the --lab-host.
+    guest = lab_run.qemu_guest(lab_arch, argv, console_log)
+    (arch_dir / "qemu.selinux.cmd").write_text(shlex.join(guest.argv) + "\n")
     try:
         guest.boot()
         guest.mount("selinuxfs", SELINUXFS)
