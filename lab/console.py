@@ -108,8 +108,7 @@ class BootedGuest:
 
         index = self._expect([patterns.READY], self.timeouts.boot, "boot", BootError)
         assert index == 0 and self.child.match is not None
-        self.release = self.child.match.group("release").decode()
-        self.machine = self.child.match.group("machine").decode()
+        self.release, self.machine = self._ready_fields(self.child.match.group("body"))
         self._handshake()
         self.boot_seconds = time.monotonic() - started
         log.info("boot: %s up in %.1f s", self.release, self.boot_seconds)
@@ -297,6 +296,19 @@ class BootedGuest:
                 break
             log.warning("boot: lab-init did not answer in %.0f s; sending again", wait)
         self._expect([patterns.end_of(self._next_id - 1)], wait, "boot", BootError)
+
+    def _ready_fields(self, body: bytes) -> tuple[str, str]:
+        """Release and machine from READY's body. Seen on a loaded host:
+        "@@LAB:READY 6.12[    2.33] tsc: Refined TSC ...\n.118 x86_64@@"."""
+        text = CRLF_RE.sub("\n", body.decode(errors="replace"))
+        fields = PRINTK_RE.sub("", text).split()
+        if len(fields) != 2:
+            raise BootError(
+                f"lab-init's ready line is garbled: {text!r}",
+                self.console_log,
+                tail_of(self.console_log),
+            )
+        return fields[0], fields[1]
 
     def _take_id(self) -> int:
         command_id = self._next_id
