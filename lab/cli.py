@@ -15,14 +15,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from lab.arches import ARCHES, UnknownArch, get_arch
+from lab.arches import ARCHES, Arch, UnknownArch, get_arch
 from lab.bisect import ABORT
 from lab.cache import DEFAULT_CACHE, LabCache
-from lab.errors import LabError
+from lab.errors import LabError, ToolMissing
 from lab.kbuild import DEFAULT_TARBALL, KernelSource, build_kernel, resolve_source
 from lab.progress import Progress
-from lab.qemu import host_identity, kvm_precondition
-from lab.remote import HostAddress, lab_host_args
+from lab.qemu import LOCAL_HOST, QemuHost
+from lab.remote import HostAddress, RemoteHost, lab_host_args
 
 LAB_TESTS = Path(__file__).resolve().parent.parent / "tests"
 
@@ -48,6 +48,20 @@ def _host_address(text: str) -> HostAddress:
         return HostAddress.parse(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _lab_host_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lab-host",
+        type=_host_address,
+        default=None,
+        metavar="USER@HOST[:PORT]",
+        help="the machine that runs QEMU, over SSH (default: this one)",
+    )
+    parser.add_argument("--lab-host-key", type=Path, default=None, metavar="PATH")
+    parser.add_argument(
+        "--lab-host-known-hosts", type=Path, default=None, metavar="PATH"
+    )
 
 
 def _source(args: argparse.Namespace) -> KernelSource:
@@ -77,17 +91,43 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     cache = LabCache(args.lab_cache)
     memo = cache.read_memo()
     for arch in ARCHES.values():
-        reason = kvm_precondition(arch)
-        probe = memo.get(f"kvm-probe:{host_identity(arch)}") if reason is None else None
-        if isinstance(probe, dict):
-            works = "works" if probe["works"] else "does not work"
-            verdict = f"{works} (cached probe: {probe['reason']})"
-        else:
-            verdict = reason or "possible; a probe boot decides (--lab-accel auto)"
-        print(f"kvm for {arch.name}: {verdict}")
+        print(f"kvm for {arch.name}: {_kvm_verdict(LOCAL_HOST, arch, memo)}")
     free = shutil.disk_usage(cache.root).free / 1024**3
     print(f"cache: {cache.root} ({free:.0f} GB free)")
+    if args.lab_host is not None:
+        missing += _doctor_lab_host(args, memo)
     return 1 if missing else 0
+
+
+def _kvm_verdict(host: QemuHost, arch: Arch, memo: dict[str, object]) -> str:
+    reason = host.kvm_precondition(arch)
+    probe = memo.get(f"kvm-probe:{host.identity(arch)}") if reason is None else None
+    if isinstance(probe, dict):
+        works = "works" if probe["works"] else "does not work"
+        return f"{works} (cached probe: {probe['reason']})"
+    return reason or "possible; a probe boot decides (--lab-accel auto)"
+
+
+def _doctor_lab_host(args: argparse.Namespace, memo: dict[str, object]) -> int:
+    """What the --lab-host has: QEMU per arch, KVM; the count of missing."""
+    missing = 0
+    host = RemoteHost.connect(
+        args.lab_host, args.lab_host_key, args.lab_host_known_hosts, Progress()
+    )
+    try:
+        print(f"lab host {host.name}: {host.machine()}")
+        for arch in ARCHES.values():
+            try:
+                host.require_qemu(arch)
+            except ToolMissing:
+                print(f"  {arch.qemu:28} MISSING ({arch.packages[0]})")
+                missing += 1
+                continue
+            print(f"  {arch.qemu:28} present")
+            print(f"  kvm for {arch.name}: {_kvm_verdict(host, arch, memo)}")
+    finally:
+        host.close()
+    return missing
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -170,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     doctor = sub.add_parser("doctor", help="check this host's tools")
     doctor.add_argument("--lab-cache", type=Path, default=DEFAULT_CACHE)
+    _lab_host_args(doctor)
     build = sub.add_parser("build", help="build the kernel for an arch")
     build.add_argument("--arch", default="x86_64")
     build.add_argument("--jobs", type=int, default=None)
@@ -184,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "--lab-results", type=Path, default=DEFAULT_CACHE / "bisect-results"
     )
     _source_args(bis)
-    bis.add_argument("--lab-host", type=_host_address, default=None)
-    bis.add_argument("--lab-host-key", type=Path, default=None)
-    bis.add_argument("--lab-host-known-hosts", type=Path, default=None)
+    _lab_host_args(bis)
     bis.set_defaults(kernel_tree=Path.cwd())
 
     try:

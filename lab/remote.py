@@ -287,7 +287,7 @@ class RemoteHost:
     ) -> RemoteHost:
         """Log in; refuses a host whose key is not in known_hosts."""
         known = (known_hosts or Path("~/.ssh/known_hosts")).expanduser()
-        if not known.is_file():
+        if not known.exists():
             raise RemoteHostError(
                 f"cannot check the host key of {address}: {known} does not "
                 "exist (give the file with --lab-host-known-hosts)"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -25,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from lab.arches import Arch, get_arch
+from lab.arches import ARCHES, Arch, get_arch
 from lab.checks import check_untruncated_mask_in_cpuset
+from lab.cli import main
 from lab.console import BootedGuest
 from lab.errors import GuestError, ToolMissing, tail_of
 from lab.kbuild import KernelImage
@@ -391,3 +393,22 @@ def test_qemu_missing_there_names_the_package(sshd: LocalSshd, lab_arch: str) ->
         f"qemu-system-nonesuch not found on {sshd.address}; install it there: "
         f"apt-get install {arch.packages[0]}"
     )
+
+
+def test_lab_doctor_describes_the_lab_host(
+    sshd: LocalSshd, capsys: pytest.CaptureFixture[str]
+) -> None:
+    main(
+        [
+            "doctor",
+            f"--lab-host={sshd.address}",
+            f"--lab-host-key={sshd.client_key}",
+            f"--lab-host-known-hosts={sshd.known_hosts}",
+        ]
+    )
+
+    out = capsys.readouterr().out
+    assert f"lab host {sshd.address}: {os.uname().machine}" in out
+    for arch in ARCHES.values():
+        there = "present" if shutil.which(arch.qemu) else "MISSING"
+        assert re.search(rf"^  {re.escape(arch.qemu)} +{there}", out, re.M), out
