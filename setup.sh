@@ -13,6 +13,9 @@ APT_PACKAGES=(
 	checkpolicy
 	# virtme-ng: its guest init needs udevd for the script I/O ports
 	udev
+	# --lab-host's tests start their own sshd on 127.0.0.1 (never the
+	# system's: see policy-rc.d below)
+	openssh-server openssh-client
 	# BTF for the BPF LSM: pahole, bpftool, clang, static libbpf
 	dwarves bpftool clang llvm libbpf-dev zlib1g-dev libzstd-dev
 	# LAVA: lava-run runs the jobs that `lab lava-job` exports, here
@@ -28,9 +31,36 @@ if [ "$(id -u)" -ne 0 ]; then
 	SUDO=sudo
 fi
 
+# Installing openssh-server would start a system sshd on port 22: a
+# policy-rc.d that exits 101 tells the package scripts not to start any
+# service. One already there (as in Docker images) is left as it is.
+POLICY=/usr/sbin/policy-rc.d
+OWN_POLICY=""
+if [ ! -e "$POLICY" ]; then
+	printf '#!/bin/sh\n# kernel-lab setup.sh: start no service while installing\nexit 101\n' | $SUDO tee "$POLICY" >/dev/null
+	$SUDO chmod 755 "$POLICY"
+	OWN_POLICY=1
+	trap '$SUDO rm -f "$POLICY"' EXIT
+fi
+
+HAD_SSHD=""
+if dpkg-query -W -f='${Status}' openssh-server 2>/dev/null | grep -q "ok installed"; then
+	HAD_SSHD=1
+fi
+
 echo "[setup] apt packages: ${APT_PACKAGES[*]}"
 $SUDO apt-get update -q
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${APT_PACKAGES[@]}"
+if [ -n "$OWN_POLICY" ]; then
+	$SUDO rm -f "$POLICY"
+	trap - EXIT
+fi
+# Newly installed on a host with systemd: nor at boot. An sshd the host
+# had before is its own business and left alone.
+if [ -z "$HAD_SSHD" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+	$SUDO systemctl disable --now ssh.service >/dev/null 2>&1 || true
+	echo "[setup] openssh-server installed for the tests; its system service is disabled"
+fi
 
 # lava-dispatcher brings the services of a LAVA worker: lava-worker (a
 # client of a LAVA server, polling http://localhost/ by default) and

@@ -19,7 +19,7 @@ GOOD, BAD, SKIP = 0, 1, 125
 # otherwise skip every commit.
 ABORT = 128
 # Phases where a failure says nothing about the commit under test.
-LAB_PHASES = {"build", "setup", "accel"}
+LAB_PHASES = {"build", "setup", "accel", "remote"}
 
 
 def verdict(pytest_status: int, summary: dict[str, Any] | None) -> tuple[int, str]:

@@ -18,12 +18,14 @@ import shutil
 import sys
 from pathlib import Path
 
-from lab.arches import ARCHES, UnknownArch, get_arch
+from lab.arches import ARCHES, Arch, UnknownArch, get_arch
+from lab.bisect import ABORT
 from lab.cache import DEFAULT_CACHE, LabCache
-from lab.errors import LabError
+from lab.errors import LabError, ToolMissing
 from lab.kbuild import DEFAULT_TARBALL, KernelSource, build_kernel, resolve_source
 from lab.progress import Progress
-from lab.qemu import host_identity, kvm_precondition
+from lab.qemu import LOCAL_HOST, QemuHost
+from lab.remote import HostAddress, RemoteHost, lab_host_args
 
 LAB_TESTS = Path(__file__).resolve().parent.parent / "tests"
 
@@ -42,6 +44,27 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
         "for the default source)",
     )
     parser.add_argument("--lab-cache", type=Path, default=DEFAULT_CACHE)
+
+
+def _host_address(text: str) -> HostAddress:
+    try:
+        return HostAddress.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def _lab_host_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lab-host",
+        type=_host_address,
+        default=None,
+        metavar="USER@HOST[:PORT]",
+        help="the machine that runs QEMU, over SSH (default: this one)",
+    )
+    parser.add_argument("--lab-host-key", type=Path, default=None, metavar="PATH")
+    parser.add_argument(
+        "--lab-host-known-hosts", type=Path, default=None, metavar="PATH"
+    )
 
 
 def _source(args: argparse.Namespace) -> KernelSource:
@@ -71,17 +94,43 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     cache = LabCache(args.lab_cache)
     memo = cache.read_memo()
     for arch in ARCHES.values():
-        reason = kvm_precondition(arch)
-        probe = memo.get(f"kvm-probe:{host_identity(arch)}") if reason is None else None
-        if isinstance(probe, dict):
-            works = "works" if probe["works"] else "does not work"
-            verdict = f"{works} (cached probe: {probe['reason']})"
-        else:
-            verdict = reason or "possible; a probe boot decides (--lab-accel auto)"
-        print(f"kvm for {arch.name}: {verdict}")
+        print(f"kvm for {arch.name}: {_kvm_verdict(LOCAL_HOST, arch, memo)}")
     free = shutil.disk_usage(cache.root).free / 1024**3
     print(f"cache: {cache.root} ({free:.0f} GB free)")
+    if args.lab_host is not None:
+        missing += _doctor_lab_host(args, memo)
     return 1 if missing else 0
+
+
+def _kvm_verdict(host: QemuHost, arch: Arch, memo: dict[str, object]) -> str:
+    reason = host.kvm_precondition(arch)
+    probe = memo.get(f"kvm-probe:{host.identity(arch)}") if reason is None else None
+    if isinstance(probe, dict):
+        works = "works" if probe["works"] else "does not work"
+        return f"{works} (cached probe: {probe['reason']})"
+    return reason or "possible; a probe boot decides (--lab-accel auto)"
+
+
+def _doctor_lab_host(args: argparse.Namespace, memo: dict[str, object]) -> int:
+    """What the --lab-host has: QEMU per arch, KVM; the count of missing."""
+    missing = 0
+    host = RemoteHost.connect(
+        args.lab_host, args.lab_host_key, args.lab_host_known_hosts, Progress()
+    )
+    try:
+        print(f"lab host {host.name}: {host.machine()}")
+        for arch in ARCHES.values():
+            try:
+                host.require_qemu(arch)
+            except ToolMissing:
+                print(f"  {arch.qemu:28} MISSING ({arch.packages[0]})")
+                missing += 1
+                continue
+            print(f"  {arch.qemu:28} present")
+            print(f"  kvm for {arch.name}: {_kvm_verdict(host, arch, memo)}")
+    finally:
+        host.close()
+    return missing
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -113,6 +162,14 @@ def cmd_bisect(args: argparse.Namespace, rest: list[str]) -> int:
     results = (args.lab_results or cache / "bisect-results").expanduser().resolve()
     results.mkdir(parents=True, exist_ok=True)
     selection = f"{args.arch} and not vng and not bisect and not selftest"
+    # Paths resolved here: pytest reads them after the chdir below.
+    lab_host = lab_host_args(
+        args.lab_host,
+        args.lab_host_key.expanduser().resolve() if args.lab_host_key else None,
+        args.lab_host_known_hosts.expanduser().resolve()
+        if args.lab_host_known_hosts
+        else None,
+    )
     argv = [
         str(LAB_TESTS / "lab"),
         "-m", selection,
@@ -121,6 +178,7 @@ def cmd_bisect(args: argparse.Namespace, rest: list[str]) -> int:
         "--lab-results", str(results),
         "-p", "no:cacheprovider",
         *(["--lab-series", args.lab_series] if args.lab_series else []),
+        *lab_host,
         *rest,
     ]  # fmt: skip
     print(f"lab bisect: pytest {' '.join(argv)}", file=sys.stderr)
@@ -226,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     doctor = sub.add_parser("doctor", help="check this host's tools")
     doctor.add_argument("--lab-cache", type=Path, default=DEFAULT_CACHE)
+    _lab_host_args(doctor)
     build = sub.add_parser("build", help="build the kernel for an arch")
     build.add_argument("--arch", default="x86_64")
     build.add_argument("--jobs", type=int, default=None)
@@ -240,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         "--lab-results", type=Path, default=DEFAULT_CACHE / "bisect-results"
     )
     _source_args(bis)
+    _lab_host_args(bis)
     bis.set_defaults(kernel_tree=Path.cwd())
     job = sub.add_parser(
         "lava-job", help="export a LAVA job (qemu device type) running the plan"
@@ -272,7 +332,15 @@ def main(argv: list[str] | None = None) -> int:
         help="the exported job directory: report its cases that are missing",
     )
 
-    args, rest = parser.parse_known_args(argv)
+    try:
+        args, rest = parser.parse_known_args(argv)
+    except SystemExit as stop:
+        # argparse exits 2 on a usage error, which git bisect run takes for
+        # "bad": a mistake in a bisect step's options must stop the bisect.
+        words = sys.argv[1:] if argv is None else argv
+        if stop.code == 2 and words[:1] == ["bisect"]:
+            return ABORT
+        raise
     try:
         if args.command == "doctor":
             return cmd_doctor(args)

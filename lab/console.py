@@ -103,25 +103,14 @@ class BootedGuest:
         self._log_file = self.console_log.open("ab")
         log.info("boot: %s", shlex.join(self.argv))
         started = time.monotonic()
-        try:
-            self.child = pexpect.spawn(
-                self.argv[0], self.argv[1:], env=self.env, echo=False, timeout=None
-            )
-        except pexpect.ExceptionPexpect as err:
-            raise BootError(f"could not start {self.argv[0]}: {err}") from err
+        self.child = self._spawn()
         self.child.logfile_read = self._log_file
-        # pexpect sleeps 50 ms before every send (for programs that turn echo
-        # off late) and 100 ms after closing the pty; lab-init needs neither,
-        # and one check sends it ten commands or more.
-        self.child.delaybeforesend = None
-        self.child.ptyproc.delayafterclose = 0.0
         for line in self.startup:
             self.child.sendline(line)
 
         index = self._expect([patterns.READY], self.timeouts.boot, "boot", BootError)
         assert index == 0 and self.child.match is not None
-        self.release = self.child.match.group("release").decode()
-        self.machine = self.child.match.group("machine").decode()
+        self.release, self.machine = self._ready_fields(self.child.match.group("body"))
         self._handshake()
         self.boot_seconds = time.monotonic() - started
         log.info("boot: %s up in %.1f s", self.release, self.boot_seconds)
@@ -295,6 +284,22 @@ class BootedGuest:
 
     # -- internals -----------------------------------------------------
 
+    def _spawn(self) -> pexpect.spawn:
+        """Start QEMU here, its console on a pty (lab/remote.py starts it
+        on another host)."""
+        try:
+            child = pexpect.spawn(
+                self.argv[0], self.argv[1:], env=self.env, echo=False, timeout=None
+            )
+        except pexpect.ExceptionPexpect as err:
+            raise BootError(f"could not start {self.argv[0]}: {err}") from err
+        # pexpect sleeps 50 ms before every send (for programs that turn echo
+        # off late) and 100 ms after closing the pty; lab-init needs neither,
+        # and one check sends it ten commands or more.
+        child.delaybeforesend = None
+        child.ptyproc.delayafterclose = 0.0
+        return child
+
     def _handshake(self, tries: int = 3) -> None:
         """Make sure lab-init reads what we send before the first check.
 
@@ -318,6 +323,19 @@ class BootedGuest:
                 break
             log.warning("boot: lab-init did not answer in %.0f s; sending again", wait)
         self._expect([patterns.end_of(self._next_id - 1)], wait, "boot", BootError)
+
+    def _ready_fields(self, body: bytes) -> tuple[str, str]:
+        """Release and machine from READY's body. Seen on a loaded host:
+        "@@LAB:READY 6.12[    2.33] tsc: Refined TSC ...\n.118 x86_64@@"."""
+        text = CRLF_RE.sub("\n", body.decode(errors="replace"))
+        fields = PRINTK_RE.sub("", text).split()
+        if len(fields) != 2:
+            raise BootError(
+                f"lab-init's ready line is garbled: {text!r}",
+                self.console_log,
+                tail_of(self.console_log),
+            )
+        return fields[0], fields[1]
 
     def _take_id(self) -> int:
         command_id = self._next_id

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import re
 
-READY = rb"@@LAB:READY (?P<release>\S+) (?P<machine>\S+)@@"
+# "<release> <machine>" between the markers; the serial port may put a
+# kernel message in the middle of it (console.py takes it out).
+READY = rb"@@LAB:READY (?P<body>[^@]*)@@"
 END = rb"@@LAB:END (?P<id>\d+) rc=(?P<rc>\d+)@@"
 
 

@@ -24,6 +24,7 @@ from lab.kbuild import DEFAULT_SERIES, DEFAULT_TARBALL, KernelImage, resolve_sou
 from lab.ktap import KtapReport
 from lab.progress import Progress
 from lab.qemu import ACCELS, AccelChoice
+from lab.remote import HostAddress
 from lab.report import CheckOutcome
 from lab.session import LAUNCHERS, LabOptions, LabRun
 
@@ -106,6 +107,46 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=30.0,
         help="seconds one guest command may take, x3 under TCG (default: %(default)s)",
     )
+    group.addoption(
+        "--lab-host",
+        metavar="USER@HOST[:PORT]",
+        default=None,
+        help="run QEMU on that machine over SSH (default: here)",
+    )
+    group.addoption(
+        "--lab-host-key",
+        metavar="PATH",
+        default=None,
+        help="private key to log in to --lab-host (default: the SSH agent "
+        "and ~/.ssh/id_*)",
+    )
+    group.addoption(
+        "--lab-host-known-hosts",
+        metavar="PATH",
+        default=None,
+        help="known_hosts file with --lab-host's host key; an unknown key "
+        "is refused (default: ~/.ssh/known_hosts)",
+    )
+
+
+def _lab_host(config: pytest.Config) -> HostAddress | None:
+    text = config.getoption("--lab-host")
+    if text is None:
+        return None
+    try:
+        address = HostAddress.parse(text)
+    except ValueError as err:
+        raise pytest.UsageError(str(err)) from err
+    if config.getoption("--lab-launcher") != "qemu":
+        raise pytest.UsageError(
+            "--lab-host runs plain QEMU there: it needs --lab-launcher qemu"
+        )
+    return address
+
+
+def _path_option(config: pytest.Config, name: str) -> Path | None:
+    value = config.getoption(name)
+    return Path(value).expanduser().resolve() if value else None
 
 
 def options_from(config: pytest.Config) -> LabOptions:
@@ -124,6 +165,9 @@ def options_from(config: pytest.Config) -> LabOptions:
         check_timeout=config.getoption("--lab-check-timeout"),
         # Under pytest -n each worker has a run (and results dir) of its own.
         run_label=getattr(config, "workerinput", {}).get("workerid", ""),
+        lab_host=_lab_host(config),
+        lab_host_key=_path_option(config, "--lab-host-key"),
+        lab_host_known_hosts=_path_option(config, "--lab-host-known-hosts"),
     )
 
 
@@ -158,6 +202,10 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "bisect: the end-to-end git bisect run test")
     config.addinivalue_line(
         "markers", "lava: the LAVA export, run with Debian's lava-run"
+    )
+    config.addinivalue_line(
+        "markers",
+        "remote: tests of --lab-host (QEMU over SSH, against an sshd they start)",
     )
     config.addinivalue_line(
         "markers", "dirties_guest: the check leaves its guest unusable; run it last"

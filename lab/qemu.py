@@ -1,9 +1,11 @@
-"""QEMU command lines, and the choice between KVM and TCG.
+"""QEMU command lines, the host QEMU runs on, and the choice between KVM
+and TCG.
 
 KVM is used only where it really runs a guest: a host may have a /dev/kvm
 under which a kernel never boots (a software nested hypervisor). The
-probe boots the lab's own kernel under KVM once per host and remembers
-the answer in the cache; `auto` falls back to TCG with the reason logged.
+probe boots the lab's own kernel under KVM once per host (this one, or
+the --lab-host of lab/remote.py) and remembers the answer in the cache;
+`auto` falls back to TCG with the reason logged.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from lab.arches import Arch
 from lab.cache import LabCache
@@ -134,11 +137,14 @@ def kvm_precondition(arch: Arch) -> str | None:
     return None
 
 
-def probe_kvm(arch: Arch, image: Path, initramfs: Path) -> tuple[bool, str]:
-    """Boot the lab's kernel under KVM: does it reach lab-init?"""
+def probe_kvm(
+    arch: Arch, image: Path, initramfs: Path, host: QemuHost | None = None
+) -> tuple[bool, str]:
+    """Boot the lab's kernel under KVM on the host: does it reach lab-init?"""
+    host = host or LOCAL_HOST
     with tempfile.TemporaryDirectory(prefix="kernel-lab-kvm-probe.") as tmp:
         console_log = Path(tmp) / "console.log"
-        guest = BootedGuest(
+        guest = host.guest(
             qemu_argv(arch, image, initramfs, "kvm"),
             console_log,
             "/bin",
@@ -162,6 +168,64 @@ def probe_kvm(arch: Arch, image: Path, initramfs: Path) -> tuple[bool, str]:
     return True, "a probe boot under KVM reached lab-init"
 
 
+class QemuHost(Protocol):
+    """Where QEMU runs: this machine, or a --lab-host (lab/remote.py)."""
+
+    name: str
+
+    def machine(self) -> str: ...
+
+    def require_qemu(self, arch: Arch) -> None: ...
+
+    def kvm_precondition(self, arch: Arch) -> str | None: ...
+
+    def identity(self, arch: Arch) -> str: ...
+
+    def probe_kvm(
+        self, arch: Arch, image: Path, initramfs: Path
+    ) -> tuple[bool, str]: ...
+
+    def guest(
+        self, argv: list[str], console_log: Path, program_dir: str, timeouts: Timeouts
+    ) -> BootedGuest:
+        """A guest (not booted yet) whose QEMU runs on this host."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LocalHost:
+    """QEMU on this machine, through the module's functions."""
+
+    name = "this host"
+
+    def machine(self) -> str:
+        return platform.machine()
+
+    def require_qemu(self, arch: Arch) -> None:
+        require_qemu(arch)
+
+    def kvm_precondition(self, arch: Arch) -> str | None:
+        return kvm_precondition(arch)
+
+    def identity(self, arch: Arch) -> str:
+        return host_identity(arch)
+
+    def probe_kvm(self, arch: Arch, image: Path, initramfs: Path) -> tuple[bool, str]:
+        return probe_kvm(arch, image, initramfs)
+
+    def guest(
+        self, argv: list[str], console_log: Path, program_dir: str, timeouts: Timeouts
+    ) -> BootedGuest:
+        return BootedGuest(argv, console_log, program_dir, timeouts)
+
+    def close(self) -> None:
+        pass
+
+
+LOCAL_HOST = LocalHost()
+
+
 def choose_accel(
     requested: str,
     arch: Arch,
@@ -169,8 +233,10 @@ def choose_accel(
     initramfs: Path,
     cache: LabCache,
     progress: Progress,
+    host: QemuHost = LOCAL_HOST,
 ) -> AccelChoice:
-    """KVM or TCG for this arch, as asked: auto probes, kvm insists."""
+    """KVM or TCG for this arch on the host, as asked: auto probes, kvm
+    insists. The probe's answer is cached per host identity."""
     if requested not in ACCELS:
         raise AccelUnavailable(
             f"unknown accelerator {requested!r}; use one of {', '.join(ACCELS)}"
@@ -178,10 +244,10 @@ def choose_accel(
     if requested == "tcg":
         return AccelChoice("tcg", "asked for with --lab-accel tcg")
 
-    reason = kvm_precondition(arch)
+    reason = host.kvm_precondition(arch)
     works = False
     if reason is None:
-        memo_key = f"kvm-probe:{host_identity(arch)}"
+        memo_key = f"kvm-probe:{host.identity(arch)}"
         memo = cache.read_memo()
         cached = memo.get(memo_key)
         if isinstance(cached, dict):
@@ -190,19 +256,22 @@ def choose_accel(
                 str(cached["reason"]) + " (cached probe)",
             )
         else:
-            progress.phase(f"accel {arch.name}: probing KVM with a test boot")
-            works, reason = probe_kvm(arch, image, initramfs)
+            progress.phase(
+                f"accel {arch.name}: probing KVM on {host.name} with a test boot"
+            )
+            works, reason = host.probe_kvm(arch, image, initramfs)
             cache.remember(memo_key, {"works": works, "reason": reason})
 
     if works:
         return AccelChoice("kvm", reason)
-    if requested != "kvm" and arch.kvm_host != platform.machine():
+    if requested != "kvm" and arch.kvm_host != host.machine():
         # Not a fallback: KVM never runs this guest on this kind of host.
         progress.phase(f"accel {arch.name}: TCG ({reason})")
         return AccelChoice("tcg", reason)
     if requested == "kvm":
         raise AccelUnavailable(
-            f"--lab-accel kvm, but KVM cannot run a {arch.name} guest here: {reason}"
+            f"--lab-accel kvm, but KVM cannot run a {arch.name} guest on "
+            f"{host.name}: {reason}"
         )
     progress.warn(f"accel {arch.name}: using TCG, not KVM: {reason}")
     return AccelChoice("tcg", reason)

@@ -4,7 +4,8 @@ the booted guest that the checks share.
 The plugin and the `lab` command both drive a LabRun. A guest is booted
 once and reused; when a check leaves it crashed or hung, the next check
 gets a fresh boot. Every boot writes its console log and QEMU command
-into the run's results directory.
+into the run's results directory. QEMU runs on this machine, or on the
+--lab-host (lab/remote.py) the run logs in to on first need.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from lab.kbuild import (
     resolve_source,
 )
 from lab.progress import Progress
-from lab.qemu import AccelChoice, choose_accel, qemu_argv, require_qemu
+from lab.qemu import LOCAL_HOST, AccelChoice, QemuHost, choose_accel, qemu_argv
+from lab.remote import HostAddress, RemoteHost
 from lab.report import RunResults
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,10 @@ class LabOptions:
     check_timeout: float = 30.0
     # Ends the run id: the xdist worker (gw0) under pytest -n, else "".
     run_label: str = ""
+    # --lab-host: QEMU runs there, over SSH; None: on this machine.
+    lab_host: HostAddress | None = None
+    lab_host_key: Path | None = None
+    lab_host_known_hosts: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -106,11 +112,36 @@ class LabRun:
         self.results = RunResults.create(options.results, options.run_label)
         self.source = options.source
         self.states: dict[str, ArchState] = {}
+        self._qemu_host: QemuHost | None = None
+        self._qemu_host_failure: LabError | None = None
 
     def state(self, arch_name: str) -> ArchState:
         if arch_name not in self.states:
             self.states[arch_name] = ArchState(get_arch(arch_name))
         return self.states[arch_name]
+
+    @property
+    def qemu_host(self) -> QemuHost:
+        """Where QEMU runs: this machine, or the --lab-host (logged in once;
+        a failure to log in is kept and given to every later check)."""
+        if self._qemu_host_failure is not None:
+            raise self._qemu_host_failure
+        if self._qemu_host is None:
+            address = self.options.lab_host
+            if address is None:
+                self._qemu_host = LOCAL_HOST
+            else:
+                try:
+                    self._qemu_host = RemoteHost.connect(
+                        address,
+                        self.options.lab_host_key,
+                        self.options.lab_host_known_hosts,
+                        self.progress,
+                    )
+                except LabError as err:
+                    self._qemu_host_failure = err
+                    raise
+        return self._qemu_host
 
     # -- phases ----------------------------------------------------------
 
@@ -156,7 +187,8 @@ class LabRun:
         if state.accel is None:
             kernel = self.kernel(arch_name)
             bundle = self.bundle(arch_name)
-            require_qemu(state.arch)
+            host = self.qemu_host
+            host.require_qemu(state.arch)
             state.accel = choose_accel(
                 self.options.accel,
                 state.arch,
@@ -164,6 +196,7 @@ class LabRun:
                 bundle.initramfs,
                 self.cache,
                 self.progress,
+                host=host,
             )
             self.results.set_accel(state.arch, state.accel)
         return state.accel
@@ -181,6 +214,14 @@ class LabRun:
         state.guest = self._boot(state, self.kernel(arch_name), self.bundle(arch_name))
         return state.guest
 
+    def qemu_guest(
+        self, arch_name: str, argv: list[str], console_log: Path
+    ) -> BootedGuest:
+        """A guest (not booted yet) of a plain QEMU command, on the run's
+        QEMU host: the files the command names are copied there first."""
+        state = self.state(arch_name)
+        return self.qemu_host.guest(argv, console_log, "/bin", self.timeouts(state))
+
     def _boot(
         self, state: ArchState, kernel: KernelImage, bundle: GuestBundle
     ) -> BootedGuest:
@@ -196,6 +237,15 @@ class LabRun:
                 # read from their cache entry, not from an initramfs.
                 archive = bpf.build_bpf(state.arch, kernel, self.cache, self.progress)
                 launch.more_program_dirs.append(str(archive.parent / "bin"))
+            guest = BootedGuest(
+                launch.argv,
+                console_log,
+                launch.program_dir,
+                self.timeouts(state),
+                env=launch.env,
+                startup=launch.startup,
+                more_program_dirs=launch.more_program_dirs,
+            )
         else:
             initrd = bundle.initramfs
             if not state.arch.no_bpf_lsm and kernel.vmlinux_h is not None:
@@ -203,35 +253,29 @@ class LabRun:
                 initrd = bpf.boot_initrd(
                     state.arch, kernel, initrd, self.cache, self.progress
                 )
-            launch = vng.Launch(
-                qemu_argv(state.arch, kernel.image, initrd, state.accel.accel),
-                program_dir="/bin",
-            )
+            argv = qemu_argv(state.arch, kernel.image, initrd, state.accel.accel)
+            guest = self.qemu_guest(state.arch.name, argv, console_log)
         self.results.boot_file(state.arch, "qemu.cmd", number).write_text(
-            shlex.join(launch.argv) + "\n"
+            self._where() + shlex.join(guest.argv) + "\n"
         )
-        guest = BootedGuest(
-            launch.argv,
-            console_log,
-            launch.program_dir,
-            self.timeouts(state),
-            env=launch.env,
-            startup=launch.startup,
-            more_program_dirs=launch.more_program_dirs,
-        )
-        what = f"{self.options.launcher}), boot {number}"
-        seconds = self._start(state, kernel, guest, what)
+        seconds = self._start(state, kernel, guest, self.options.launcher, number)
         state.boots.append(seconds)
         self.results.add_boot(state.arch, seconds, guest.release)
         return guest
 
     def _start(
-        self, state: ArchState, kernel: KernelImage, guest: BootedGuest, what: str
+        self,
+        state: ArchState,
+        kernel: KernelImage,
+        guest: BootedGuest,
+        how: str,
+        number: int,
     ) -> float:
         assert state.accel is not None
+        where = f" on {self.options.lab_host}" if self.options.lab_host else ""
         self.progress.phase(
             f"boot {state.arch.name}: {kernel.release} under "
-            f"{state.accel.accel.upper()} ({what}"
+            f"{state.accel.accel.upper()} ({how}{where}), boot {number}"
         )
         try:
             seconds = guest.boot()
@@ -266,16 +310,15 @@ class LabRun:
         )
         boots = state.variant_boots.setdefault(variant.name, [])
         number = len(boots) + 1
-        self.results.boot_file(
-            state.arch, f"qemu.{variant.name}.cmd", number
-        ).write_text(shlex.join(argv) + "\n")
         console_log = self.results.boot_file(
             state.arch, f"console.{variant.name}.log", number
         )
-        guest = BootedGuest(argv, console_log, "/bin", self.timeouts(state))
-        seconds = self._start(
-            state, kernel, guest, f"qemu, {variant.name}), boot {number}"
-        )
+        # On the run's QEMU host: this machine, or the --lab-host.
+        guest = self.qemu_guest(arch_name, argv, console_log)
+        self.results.boot_file(
+            state.arch, f"qemu.{variant.name}.cmd", number
+        ).write_text(self._where() + shlex.join(guest.argv) + "\n")
+        seconds = self._start(state, kernel, guest, f"qemu, {variant.name}", number)
         boots.append(seconds)
         self.results.add_boot(state.arch, seconds, guest.release, variant.name)
         try:
@@ -285,6 +328,12 @@ class LabRun:
             raise
         booted = state.variants[variant.name] = VariantGuest(guest, result)
         return booted
+
+    def _where(self) -> str:
+        """qemu.cmd's first line for a QEMU on the --lab-host."""
+        if self.options.lab_host is None:
+            return ""
+        return f"# run on {self.options.lab_host}, in the run's temporary directory\n"
 
     def retire_guest(self, arch_name: str) -> None:
         """Power off the arch's guest: a check left it in a state the next
@@ -296,16 +345,22 @@ class LabRun:
 
     def close(self, kill: bool = False) -> None:
         """Power off (or kill) every guest and write the run's summary;
-        kill is for an interrupted run."""
-        for state in self.states.values():
-            guests = [v.guest for v in state.variants.values()]
-            if state.guest is not None:
-                guests.insert(0, state.guest)
-            for guest in guests:
-                if kill:
-                    guest.kill()
-                else:
-                    guest.poweroff()
-            state.guest = None
-            state.variants.clear()
-        self.results.finish(interrupted=kill)
+        kill is for an interrupted run. On a --lab-host, what still runs
+        there is killed and the run's directory removed."""
+        try:
+            for state in self.states.values():
+                guests = [v.guest for v in state.variants.values()]
+                if state.guest is not None:
+                    guests.insert(0, state.guest)
+                for guest in guests:
+                    if kill:
+                        guest.kill()
+                    else:
+                        guest.poweroff()
+                state.guest = None
+                state.variants.clear()
+        finally:
+            if self._qemu_host is not None:
+                self._qemu_host.close()
+                self._qemu_host = None
+            self.results.finish(interrupted=kill)

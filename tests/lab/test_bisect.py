@@ -23,6 +23,7 @@ import pytest
 
 from lab.cache import LabCache
 from lab.kbuild import DEFAULT_SERIES, DEFAULT_TARBALL, LAB_ROOT
+from lab.remote import lab_host_args
 from lab.session import LabRun
 
 pytestmark = [pytest.mark.bisect, pytest.mark.arches("x86_64")]
@@ -116,6 +117,11 @@ def test_git_bisect_run_names_the_commit_that_drops_the_mask(
             step = [sys.executable, "-m", "lab.cli", "bisect", "--arch", lab_arch]
             step += ["--lab-cache", str(lab_run.cache.root)]
             step += ["--lab-results", str(tmp_path / "results")]
+            # Each step boots where this session does (--lab-host or here).
+            options = lab_run.options
+            step += lab_host_args(
+                options.lab_host, options.lab_host_key, options.lab_host_known_hosts
+            )
             started = time.monotonic()
             done = subprocess.run(
                 ["git", "bisect", "run", *step],

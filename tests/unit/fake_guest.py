@@ -4,7 +4,7 @@ It speaks lab-init's protocol on stdin/stdout: a few boot lines, the READY
 marker, then "<id> <verb> [args]" in, framed output out. The boot mode
 (argv[1]) and the program a `run` names decide what happens:
 
-    boot modes: normal, boot-panic, boot-hang, boot-exit
+    boot modes: normal, boot-panic, boot-hang, boot-exit, ready-split
     programs:   /bin/ok, /bin/lost (its first line is lost),
                 /bin/late (taken a second late), /bin/exit3, /bin/panic,
                 /bin/oops, /bin/hang,
@@ -149,7 +149,14 @@ def main() -> None:
         hang()
     if mode == "boot-exit":
         sys.exit(1)
-    say(f"@@LAB:READY {RELEASE} {MACHINE}@@")
+    if mode == "ready-split":
+        # The kernel's message lands in the middle of lab-init's line.
+        major, minor = RELEASE.rsplit(".", 1)
+        sys.stdout.write(f"@@LAB:READY {major}")
+        say("[    2.330420] tsc: Refined TSC clocksource calibration: 2596.130 MHz")
+        say(f".{minor} {MACHINE}@@")
+    else:
+        say(f"@@LAB:READY {RELEASE} {MACHINE}@@")
 
     last, dropped = 0, False
     while True:

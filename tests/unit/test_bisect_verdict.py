@@ -49,6 +49,12 @@ def test_a_missing_tool_is_skipped() -> None:
     assert verdict(1, summary(check("error", phase="setup")))[0] == SKIP
 
 
+def test_an_unusable_lab_host_is_skipped() -> None:
+    unreachable = check("error", phase="remote")
+    code, why = verdict(1, summary(unreachable))
+    assert code == SKIP and "remote failed" in why
+
+
 def test_an_empty_selection_aborts_the_bisect() -> None:
     assert verdict(5, None)[0] == ABORT
 

@@ -68,6 +68,17 @@ def test_boot_returns_time_and_sets_release_and_machine(make_guest: MakeGuest) -
     assert guest.alive
 
 
+def test_ready_line_split_by_a_kernel_message_still_boots(
+    make_guest: MakeGuest,
+) -> None:
+    guest = make_guest("ready-split")
+
+    guest.boot()
+
+    assert (guest.release, guest.machine) == ("6.12.118", "x86_64")
+    assert guest.run("ok").rc == 0
+
+
 def test_command_returns_rc_and_output_without_markers(guest: BootedGuest) -> None:
     result = guest.run("ok")
 

@@ -131,6 +131,9 @@ def test_help_shows_the_lab_options(pytester: pytest.Pytester) -> None:
         "--lab-accel",
         "--lab-cache",
         "--lab-results",
+        "--lab-host",
+        "--lab-host-key",
+        "--lab-host-known-hosts",
     ):
         result.stdout.fnmatch_lines([f"*{option}*"])
     result.stdout.fnmatch_lines(["*--lab-accel*{auto,kvm,tcg}*"])
@@ -141,6 +144,25 @@ def test_bad_accel_is_refused_by_the_command_line(pytester: pytest.Pytester) -> 
 
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*--lab-accel*invalid choice*hvf*"])
+
+
+@pytest.mark.parametrize(
+    "value", ["127.0.0.1", "root@", "root@host:port", "a@b@c", "root@host:70000"]
+)
+def test_malformed_lab_host_is_a_usage_error(
+    pytester: pytest.Pytester, value: str
+) -> None:
+    result = run(pytester, "--lab-host", value)
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--lab-host*"])
+
+
+def test_lab_host_needs_the_qemu_launcher(pytester: pytest.Pytester) -> None:
+    result = run(pytester, "--lab-host", "root@127.0.0.1:2222", "--lab-launcher", "vng")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--lab-host*needs --lab-launcher qemu*"])
 
 
 FAKE_RUN_CONFTEST = """

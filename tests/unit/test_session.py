@@ -1,8 +1,10 @@
-"""LabRun: timeouts (TCG runs guest code slower, so every wait grows) and
-boot variants (a second kernel command line, booted once and shared)."""
+"""LabRun: timeouts (TCG runs guest code slower, so every wait grows), the
+host its QEMU runs on, and boot variants (a second kernel command line,
+booted once and shared)."""
 
 from __future__ import annotations
 
+import socket
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,8 @@ from lab.console import BootedGuest
 from lab.errors import GuestError
 from lab.guest import GuestBundle
 from lab.kbuild import KernelImage
-from lab.qemu import AccelChoice
+from lab.qemu import LOCAL_HOST, AccelChoice
+from lab.remote import HostAddress, RemoteHostError
 from lab.session import TCG_SLOWDOWN, ArchState, BootVariant, LabOptions, LabRun
 
 
@@ -48,6 +51,37 @@ def test_tcg_scales_every_timeout(tmp_path: Path) -> None:
     assert tcg.boot == kvm.boot * TCG_SLOWDOWN
     assert tcg.command == kvm.command * TCG_SLOWDOWN
     assert tcg.poweroff == kvm.poweroff * TCG_SLOWDOWN
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_without_lab_host_qemu_runs_here(tmp_path: Path) -> None:
+    assert run_with(tmp_path).qemu_host is LOCAL_HOST
+
+
+def test_a_lab_host_that_cannot_be_reached_fails_every_later_check_at_once(
+    tmp_path: Path,
+) -> None:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("")
+    options = LabOptions(
+        cache=tmp_path / "cache",
+        results=tmp_path / "results",
+        lab_host=HostAddress("root", "127.0.0.1", closed_port()),
+        lab_host_known_hosts=known_hosts,
+    )
+    run = LabRun(options)
+
+    with pytest.raises(RemoteHostError, match="cannot reach root@127.0.0.1") as first:
+        _ = run.qemu_host
+    with pytest.raises(RemoteHostError) as second:
+        _ = run.qemu_host
+
+    assert second.value is first.value
 
 
 # -- boot variants: one shared boot per variant, set up once ------------------
