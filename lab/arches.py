@@ -74,6 +74,11 @@ class Arch:
     no_cpu_hotplug: str = ""
     # Why a BPF LSM cannot run on this arch ("" if it can).
     no_bpf_lsm: str = ""
+    # Why --lab-transport ssh cannot reach this arch's guest ("" if it can).
+    no_ssh: str = ""
+    # What the TCG CPU model needs for a hardware RNG (seeds the kernel's
+    # RNG at boot; the SSH transport's sshd waits for it), "" for none.
+    tcg_rng_flag: str = ""
 
     @property
     def cc(self) -> str:
@@ -114,6 +119,7 @@ X86_64 = Arch(
     setaffinity_entry="__x64_sys_sched_setaffinity",
     # The PS/2 mouse probe prints late and asynchronously: no mouse port.
     cmdline=("i8042.noaux",),
+    tcg_rng_flag=",+rdrand",
 )
 
 MIPS = Arch(
@@ -160,6 +166,11 @@ MIPS = Arch(
         "in take_cpu_down (measured on 6.12)"
     ),
     no_bpf_lsm="MIPS has no BPF trampolines, which BPF LSM programs need",
+    no_ssh=(
+        "the guest runs the host's Debian sshd, and Debian has no big-endian "
+        "MIPS port since Debian 11 (no sshd for this guest); the MIPS kernel "
+        "also has no network driver"
+    ),
 )
 
 ARCHES: dict[str, Arch] = {arch.name: arch for arch in (X86_64, MIPS)}

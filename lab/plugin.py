@@ -25,7 +25,7 @@ from lab.ktap import KtapReport
 from lab.progress import Progress
 from lab.qemu import ACCELS, AccelChoice
 from lab.report import CheckOutcome
-from lab.session import LAUNCHERS, LabOptions, LabRun
+from lab.session import LAUNCHERS, TRANSPORTS, LabOptions, LabRun
 
 RUN_KEY = pytest.StashKey[LabRun]()
 OPTIONS_KEY = pytest.StashKey[LabOptions]()
@@ -65,6 +65,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="qemu",
         help="boot with plain QEMU and the lab's initramfs, or with "
         "virtme-ng where it supports the arch (default: qemu)",
+    )
+    group.addoption(
+        "--lab-transport",
+        choices=TRANSPORTS,
+        default="console",
+        help="what carries the checks' commands: lab-init on the serial "
+        "console, or SSH to an sshd in the guest with files over SFTP "
+        "(x86_64, plain QEMU launcher; default: console)",
     )
     group.addoption(
         "--lab-cache",
@@ -116,6 +124,7 @@ def options_from(config: pytest.Config) -> LabOptions:
         source=source,
         accel=config.getoption("--lab-accel"),
         launcher=config.getoption("--lab-launcher"),
+        transport=config.getoption("--lab-transport"),
         cache=Path(config.getoption("--lab-cache")),
         results=Path(config.getoption("--lab-results")),
         jobs=config.getoption("--lab-jobs"),
@@ -169,7 +178,14 @@ def pytest_configure(config: pytest.Config) -> None:
     if not config.pluginmanager.hasplugin("xdist"):
         # pytest-xdist registers it when installed; without it, no warning.
         config.addinivalue_line("markers", "xdist_group(name): pytest-xdist group")
-    config.stash[OPTIONS_KEY] = options_from(config)
+    options = options_from(config)
+    if options.transport == "ssh" and options.launcher == "vng":
+        raise pytest.UsageError(
+            "--lab-transport ssh needs --lab-launcher qemu: the SSH transport "
+            "boots sshd from the lab's initramfs, and virtme-ng boots the "
+            "host's root instead"
+        )
+    config.stash[OPTIONS_KEY] = options
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -265,6 +281,9 @@ def guest(
     request: pytest.FixtureRequest, lab_run: LabRun, lab_arch: str
 ) -> Iterator[BootedGuest]:
     """The booted guest of this arch; a crashed one is replaced first."""
+    unavailable = lab_run.transport_unavailable(lab_arch)
+    if unavailable:
+        pytest.skip(unavailable)
     booted = lab_run.guest(lab_arch)
     request.node.stash[GUEST_KEY] = booted
     request.node.stash[WARN_START_KEY] = len(booted.warnings)

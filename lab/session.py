@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import logging
 import shlex
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab import bpf, vng
+from lab import bpf, ssh, vng
 from lab.arches import Arch, get_arch
 from lab.cache import LabCache
 from lab.console import BootedGuest, Timeouts
@@ -34,6 +35,7 @@ from lab.report import RunResults
 log = logging.getLogger(__name__)
 
 LAUNCHERS = ("qemu", "vng")
+TRANSPORTS = ssh.TRANSPORTS
 # TCG runs guest code many times slower than KVM; timeouts scale with it.
 TCG_SLOWDOWN = 3.0
 
@@ -47,6 +49,8 @@ class LabOptions:
     )
     accel: str = "auto"
     launcher: str = "qemu"
+    # What carries the checks' commands: the serial console, or SSH.
+    transport: str = "console"
     cache: Path = Path("~/.cache/kernel-lab")
     results: Path = Path("results")
     jobs: int | None = None
@@ -162,6 +166,12 @@ class LabRun:
         assert state.accel is not None
         number = len(state.boots) + 1
         console_log = self.results.boot_file(state.arch, "console.log", number)
+        cmd_file = self.results.boot_file(state.arch, "qemu.cmd", number)
+        self.progress.phase(
+            f"boot {state.arch.name}: {kernel.release} under "
+            f"{state.accel.accel.upper()} ({self.options.launcher}, "
+            f"{self.options.transport}), boot {number}"
+        )
         if self.options.launcher == "vng" and state.arch.vng:
             launch = vng.session_launch(
                 state.arch, kernel.image, bundle, state.accel.accel
@@ -171,6 +181,7 @@ class LabRun:
                 # read from their cache entry, not from an initramfs.
                 archive = bpf.build_bpf(state.arch, kernel, self.cache, self.progress)
                 launch.more_program_dirs.append(str(archive.parent / "bin"))
+            guest = self._launch(state, launch, console_log, cmd_file)
         else:
             initrd = bundle.initramfs
             if not state.arch.no_bpf_lsm and kernel.vmlinux_h is not None:
@@ -178,34 +189,84 @@ class LabRun:
                 initrd = bpf.boot_initrd(
                     state.arch, kernel, initrd, self.cache, self.progress
                 )
-            launch = vng.Launch(
-                qemu_argv(state.arch, kernel.image, initrd, state.accel.accel),
-                program_dir="/bin",
+            guest = self.start_guest(state.arch.name, initrd, console_log, cmd_file)
+        state.boots.append(guest.boot_seconds)
+        self.results.add_boot(state.arch, guest.boot_seconds, guest.release)
+        self.progress.phase(f"boot {state.arch.name}: up in {guest.boot_seconds:.1f} s")
+        return guest
+
+    def transport_unavailable(self, arch_name: str) -> str:
+        """Why the chosen transport cannot reach this arch's guest ("" if
+        it can): checks are skipped with it."""
+        arch = self.state(arch_name).arch
+        if self.options.transport == "ssh" and arch.no_ssh:
+            return f"--lab-transport ssh on {arch.name}: {arch.no_ssh}"
+        return ""
+
+    def start_guest(
+        self,
+        arch_name: str,
+        initrd: Path,
+        console_log: Path,
+        cmd_file: Path,
+        extra_cmdline: tuple[str, ...] = (),
+        transport: str | None = None,
+    ) -> BootedGuest:
+        """Boot the arch's kernel under plain QEMU with initrd and connect
+        the transport (the run's unless given); the QEMU command goes to
+        cmd_file."""
+        state = self.state(arch_name)
+        accel = self.accel(arch_name)
+        kernel = self.kernel(arch_name)
+        endpoint = None
+        if (transport or self.options.transport) == "ssh":
+            # The guest's sshd: one more archive, a forwarded port, the keys.
+            initrd = ssh.boot_initrd(state.arch, initrd, self.cache, self.progress)
+            keys = ssh.lab_keys(self.cache)
+            endpoint = ssh.SshEndpoint(
+                ssh.LOOPBACK, ssh.free_port(), keys.host_key(), keys.client_key()
             )
-        self.results.boot_file(state.arch, "qemu.cmd", number).write_text(
-            shlex.join(launch.argv) + "\n"
+        argv = qemu_argv(
+            state.arch,
+            kernel.image,
+            initrd,
+            accel.accel,
+            extra_cmdline=extra_cmdline,
+            ssh_port=endpoint.port if endpoint else None,
         )
+        launch = vng.Launch(argv, program_dir="/bin")
+        return self._launch(state, launch, console_log, cmd_file, endpoint)
+
+    def _launch(
+        self,
+        state: ArchState,
+        launch: vng.Launch,
+        console_log: Path,
+        cmd_file: Path,
+        endpoint: ssh.SshEndpoint | None = None,
+    ) -> BootedGuest:
+        """Start a launch, wait for lab-init (and sshd); boot_seconds is
+        the time until the guest takes commands on its transport."""
+        cmd_file.write_text(shlex.join(launch.argv) + "\n")
+        timeouts = self.timeouts(state)
         guest = BootedGuest(
             launch.argv,
             console_log,
             launch.program_dir,
-            self.timeouts(state),
+            timeouts,
             env=launch.env,
             startup=launch.startup,
             more_program_dirs=launch.more_program_dirs,
         )
-        self.progress.phase(
-            f"boot {state.arch.name}: {kernel.release} under "
-            f"{state.accel.accel.upper()} ({self.options.launcher}), boot {number}"
-        )
+        started = time.monotonic()
         try:
-            seconds = guest.boot()
+            guest.boot()
+            if endpoint is not None:
+                ssh.attach(guest, endpoint, timeouts.boot)
         except LabError:
             guest.kill()
             raise
-        state.boots.append(seconds)
-        self.results.add_boot(state.arch, seconds, guest.release)
-        self.progress.phase(f"boot {state.arch.name}: up in {seconds:.1f} s")
+        guest.boot_seconds = time.monotonic() - started
         return guest
 
     def retire_guest(self, arch_name: str) -> None:

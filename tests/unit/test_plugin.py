@@ -129,6 +129,7 @@ def test_help_shows_the_lab_options(pytester: pytest.Pytester) -> None:
         "--kernel-tree",
         "--lab-series",
         "--lab-accel",
+        "--lab-transport",
         "--lab-cache",
         "--lab-results",
     ):
@@ -141,6 +142,24 @@ def test_bad_accel_is_refused_by_the_command_line(pytester: pytest.Pytester) -> 
 
     assert result.ret != 0
     result.stderr.fnmatch_lines(["*--lab-accel*invalid choice*hvf*"])
+
+
+def test_ssh_transport_under_vng_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_sandbox=ARCH_TEST)
+
+    result = run(pytester, "--lab-transport", "ssh", "--lab-launcher", "vng")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--lab-transport ssh needs --lab-launcher qemu*"])
+
+
+def test_bad_transport_is_refused_by_the_command_line(
+    pytester: pytest.Pytester,
+) -> None:
+    result = run(pytester, "--lab-transport", "telnet")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--lab-transport*invalid choice*telnet*"])
 
 
 FAKE_RUN_CONFTEST = """
@@ -156,6 +175,9 @@ class FakeGuest:
 class FakeRun:
     def __init__(self, console_log):
         self.booted = FakeGuest(console_log)
+
+    def transport_unavailable(self, arch):
+        return ""
 
     def guest(self, arch):
         return self.booted

@@ -37,3 +37,12 @@ def test_tcg_scales_every_timeout(tmp_path: Path) -> None:
     assert tcg.boot == kvm.boot * TCG_SLOWDOWN
     assert tcg.command == kvm.command * TCG_SLOWDOWN
     assert tcg.poweroff == kvm.poweroff * TCG_SLOWDOWN
+
+
+def test_ssh_transport_is_unavailable_on_mips_with_the_reason(tmp_path: Path) -> None:
+    ssh_run = LabRun(LabOptions(transport="ssh", cache=tmp_path, results=tmp_path))
+    console_run = LabRun(LabOptions(cache=tmp_path, results=tmp_path))
+
+    assert ssh_run.transport_unavailable("x86_64") == ""
+    assert "big-endian" in ssh_run.transport_unavailable("mips")
+    assert console_run.transport_unavailable("mips") == ""
