@@ -13,7 +13,6 @@ would refuse) fails the check.
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from lab.console import BootedGuest
 from lab.guest import GuestBundle
 from lab.kbuild import KernelImage
 from lab.ktap import KtapReport
-from lab.qemu import AccelChoice, qemu_argv
+from lab.qemu import AccelChoice
 from lab.session import LabRun
 
 SELINUXFS = "/sys/fs/selinux"
@@ -73,7 +72,11 @@ def selinux_boot(
     guest_bundle: GuestBundle,
 ) -> Iterator[SelinuxBoot]:
     """The arch's kernel booted with lsm=<default order, SELinux for Smack>,
-    enforcing=0, and the dummy policy loaded; powered off at the end."""
+    enforcing=0, and the dummy policy loaded; powered off at the end. The
+    run's transport carries the commands, as in the default boot."""
+    unavailable = lab_run.transport_unavailable(lab_arch)
+    if unavailable:
+        pytest.skip(unavailable)
     initrd = selinux.boot_initrd(
         arch,
         kernel,
@@ -83,16 +86,17 @@ def selinux_boot(
         lab_run.progress,
     )
     cmdline = selinux.boot_cmdline(kernel.config.read_text())
-    argv = qemu_argv(arch, kernel.image, initrd, accel.accel, extra_cmdline=cmdline)
     arch_dir = lab_run.results.arch_dir(arch)
-    (arch_dir / "qemu.selinux.cmd").write_text(shlex.join(argv) + "\n")
     console_log = arch_dir / "console.selinux.log"
     start = console_log.stat().st_size if console_log.exists() else 0
-    guest = BootedGuest(
-        argv, console_log, "/bin", lab_run.timeouts(lab_run.state(lab_arch))
+    guest = lab_run.start_guest(
+        lab_arch,
+        initrd,
+        console_log,
+        arch_dir / "qemu.selinux.cmd",
+        extra_cmdline=cmdline,
     )
     try:
-        guest.boot()
         guest.mount("selinuxfs", SELINUXFS)
         load = run_program(guest, "selinux_load", selinux.GUEST_POLICY)
         load.assert_ok()
