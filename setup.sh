@@ -13,6 +13,8 @@ APT_PACKAGES=(
 	checkpolicy
 	# virtme-ng: its guest init needs udevd for the script I/O ports
 	udev
+	# --lab-transport ssh: the guest runs this sshd binary (no system sshd)
+	openssh-server
 	# BTF for the BPF LSM: pahole, bpftool, clang, static libbpf
 	dwarves bpftool clang llvm libbpf-dev zlib1g-dev libzstd-dev
 	# machines: x86_64 and MIPS Malta, and MIPS cross tools
@@ -28,7 +30,37 @@ fi
 
 echo "[setup] apt packages: ${APT_PACKAGES[*]}"
 $SUDO apt-get update -q
+
+# The lab only copies /usr/sbin/sshd into its guests: installing
+# openssh-server must not start an sshd on this host's port 22. A
+# policy-rc.d that answers 101 ("action forbidden") keeps the package from
+# starting it; one of the host's own is left as it is.
+POLICY_RC=/usr/sbin/policy-rc.d
+ADDED_POLICY_RC=""
+remove_policy_rc() {
+	if [ -n "$ADDED_POLICY_RC" ]; then
+		$SUDO rm -f "$POLICY_RC"
+		ADDED_POLICY_RC=""
+	fi
+}
+trap remove_policy_rc EXIT
+SSHD_WAS_INSTALLED=""
+if dpkg-query -W -f='${Status}' openssh-server 2>/dev/null | grep -q "install ok installed"; then
+	SSHD_WAS_INSTALLED=1
+fi
+if [ ! -e "$POLICY_RC" ]; then
+	printf '#!/bin/sh\n# kernel-lab setup.sh: no service starts while it installs\nexit 101\n' |
+		$SUDO tee "$POLICY_RC" >/dev/null
+	$SUDO chmod 755 "$POLICY_RC"
+	ADDED_POLICY_RC=1
+fi
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${APT_PACKAGES[@]}"
+remove_policy_rc
+if [ -z "$SSHD_WAS_INSTALLED" ] && [ -d /run/systemd/system ]; then
+	# Installed here for the lab: not started at the next boot either.
+	$SUDO systemctl disable ssh.service ssh.socket >/dev/null 2>&1 || true
+	echo "[setup] openssh-server installed for the lab's guests; its service is disabled"
+fi
 
 PYTHON=${PYTHON:-python3}
 if "$PYTHON" -c 'import sys, sysconfig, os; sys.exit(not os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED")))'; then

@@ -6,6 +6,8 @@ Layout under the cache root (default ~/.cache/kernel-lab, --lab-cache):
     guest/<arch>-<key>/     guest programs and initramfs
     bpf/<arch>-<key>/       BPF programs and loader built for one kernel
     selinux/<arch>-<key>/   the dummy SELinux policy for one kernel
+    ssh/keys-1/             the lab's SSH host and client keys (lab/ssh.py)
+    ssh/<arch>-<key>/       the guest's sshd archive (--lab-transport ssh)
     scratch/                builds in progress (removed when they end)
     failed/                 build logs of failed builds
     locks/                  one lock file per key

@@ -398,11 +398,18 @@ class SshTransport:
     name = "ssh"
 
     def __init__(
-        self, guest: BootedGuest, client: paramiko.SSHClient, endpoint: SshEndpoint
+        self,
+        guest: BootedGuest,
+        client: paramiko.SSHClient,
+        endpoint: SshEndpoint,
+        transcript: Path | None = None,
     ) -> None:
         self.guest = guest
         self.client = client
         self.endpoint = endpoint
+        # Every command with its rc and both streams (the console no longer
+        # shows them): ssh.log beside console.log.
+        self.transcript = transcript
         self._sftp: paramiko.SFTPClient | None = None
 
     def command(
@@ -420,7 +427,7 @@ class SshTransport:
             raise self._lost(what, err) from err
         stdout, stderr, rc = self._wait(channel, what, timeout, started)
         self.guest.watch_console(what)
-        return CommandResult(
+        result = CommandResult(
             command=text,
             rc=rc,
             output=stdout.decode(errors="replace"),
@@ -428,14 +435,20 @@ class SshTransport:
             warnings=self.guest.warnings[warnings_before:],
             stderr=stderr.decode(errors="replace"),
         )
+        self._record(
+            f"$ {text}\n{result.transcript}[rc={rc}, {result.seconds:.2f} s]\n"
+        )
+        return result
 
     def put(self, local: Path, remote: str, timeout: float) -> None:
         what = f"copying {local} to the guest's {remote} (sftp)"
         self._sftp_call(what, timeout, lambda sftp: sftp.put(str(local), remote))
+        self._record(f"sftp put {local} {remote}\n")
 
     def get(self, remote: str, local: Path, timeout: float) -> None:
         what = f"copying the guest's {remote} to {local} (sftp)"
         self._sftp_call(what, timeout, lambda sftp: sftp.get(remote, str(local)))
+        self._record(f"sftp get {remote} {local}\n")
 
     def close(self) -> None:
         if self._sftp is not None:
@@ -444,6 +457,11 @@ class SshTransport:
         self.client.close()
 
     # -- internals ---------------------------------------------------------
+
+    def _record(self, text: str) -> None:
+        if self.transcript is not None:
+            with self.transcript.open("a") as f:
+                f.write(text)
 
     def _transport(self, what: str) -> paramiko.Transport:
         transport = self.client.get_transport()
@@ -548,7 +566,10 @@ def attach(guest: BootedGuest, endpoint: SshEndpoint, timeout: float) -> SshTran
     except GuestError as err:
         # The console showed a crash while sshd was awaited: a boot failure.
         raise BootError(err.message, err.log, err.tail, err.kernel_fault) from err
-    transport = SshTransport(guest, client, endpoint)
+    log_name = guest.console_log.name.replace("console", "ssh", 1)
+    transport = SshTransport(
+        guest, client, endpoint, guest.console_log.with_name(log_name)
+    )
     guest.use_transport(transport)
     log.info(
         "boot: ssh to %s up in %.1f s", endpoint.known_host, time.monotonic() - started
