@@ -32,6 +32,7 @@
 #include <stdbool.h>
 #include <fcntl.h>
 #include <net/if.h>
+#include <signal.h>
 #include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -310,6 +311,30 @@ static void network_up(const char *spec)
 	close(sock);
 }
 
+static volatile pid_t sshd_pid;
+
+/*
+ * sshd ended (it failed to start, or died): say so on the console at
+ * once, so that the host stops waiting for it (lab/ssh.py).
+ */
+static void sshd_reaper(int sig)
+{
+	int saved_errno = errno, status, len;
+	char msg[64];
+
+	(void)sig;
+	if (sshd_pid <= 0 || waitpid(sshd_pid, &status, WNOHANG) != sshd_pid)
+		goto out;
+	sshd_pid = 0;
+	len = snprintf(msg, sizeof(msg), "@@LAB:SSHD-EXIT status=%d@@\n",
+		       WIFSIGNALED(status) ? 128 + WTERMSIG(status) :
+					     WEXITSTATUS(status));
+	if (write(STDOUT_FILENO, msg, len) < 0)
+		goto out;
+out:
+	errno = saved_errno;
+}
+
 /*
  * Start sshd in the foreground (a child of init, so it lives as long as
  * the guest), with its log on the console: the lab's sshd_config keeps
@@ -318,17 +343,30 @@ static void network_up(const char *spec)
 static void start_sshd(void)
 {
 	char *argv[] = { SSHD, "-D", "-e", NULL };
+	struct sigaction sa = { .sa_handler = sshd_reaper,
+				.sa_flags = SA_RESTART | SA_NOCLDSTOP };
+	sigset_t chld, old;
 	pid_t pid;
 	int fd;
 
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGCHLD, &sa, NULL);
+	/* An sshd that dies at once must find sshd_pid set. */
+	sigemptyset(&chld);
+	sigaddset(&chld, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &chld, &old);
 	fflush(stdout);
 	pid = fork();
-	if (pid < 0) {
-		printf("lab-init: sshd: %s\n", strerror(errno));
+	if (pid > 0)
+		sshd_pid = pid;
+	if (pid) {
+		if (pid < 0)
+			printf("lab-init: sshd: %s\n", strerror(errno));
+		sigprocmask(SIG_SETMASK, &old, NULL);
 		return;
 	}
-	if (pid)
-		return;
+	signal(SIGCHLD, SIG_DFL);
+	sigprocmask(SIG_SETMASK, &old, NULL);
 	fd = open("/dev/null", O_RDONLY);
 	if (fd >= 0) {
 		dup2(fd, 0);

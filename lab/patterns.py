@@ -11,6 +11,8 @@ import re
 
 READY = rb"@@LAB:READY (?P<release>\S+) (?P<machine>\S+)@@"
 END = rb"@@LAB:END (?P<id>\d+) rc=(?P<rc>\d+)@@"
+# lab-init's word that the guest's sshd ended (the SSH transport).
+SSHD_EXIT_RE = re.compile(r"@@LAB:SSHD-EXIT status=(?P<status>\d+)@@")
 
 
 def end_of(command_id: int) -> bytes:

@@ -11,6 +11,7 @@ transport too.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pytest
 
 from lab import ssh
 from lab.console import BootedGuest
-from lab.errors import GuestError
+from lab.errors import BootError, GuestError
 from lab.session import LabRun
 
 pytestmark = pytest.mark.selftest
@@ -138,3 +139,33 @@ def test_forwarded_port_listens_on_loopback_only(ssh_guest: BootedGuest) -> None
             listening.append(address)
 
     assert listening == ["0100007F"], listening
+
+
+def test_sshd_that_cannot_start_fails_the_boot_at_once_with_its_error(
+    lab_run: LabRun, lab_arch: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An sshd_config sshd refuses: lab-init reports sshd's exit on the
+    console and the boot fails then, with sshd's own complaint in the tail,
+    instead of waiting out the boot timeout."""
+    arch = lab_run.state(lab_arch).arch
+    if arch.no_ssh:
+        pytest.skip(f"no SSH transport on {arch.name}: {arch.no_ssh}")
+    monkeypatch.setattr(ssh, "SSHD_CONFIG", ssh.SSHD_CONFIG + "NoSuchOption yes\n")
+    arch_dir = lab_run.results.arch_dir(arch)
+    timeout = lab_run.timeouts(lab_run.state(lab_arch)).boot
+
+    started = time.monotonic()
+    with pytest.raises(BootError) as caught:
+        lab_run.start_guest(
+            lab_arch,
+            lab_run.bundle(lab_arch).initramfs,
+            arch_dir / "console.bad-sshd.log",
+            arch_dir / "qemu.bad-sshd.cmd",
+            transport="ssh",
+        )
+
+    assert "sshd exited with status 255" in caught.value.message
+    assert "Bad configuration option: NoSuchOption" in caught.value.tail
+    assert caught.value.log == arch_dir / "console.bad-sshd.log"
+    # It did not wait for the boot timeout to pass.
+    assert time.monotonic() - started < timeout / 2
