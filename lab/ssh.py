@@ -495,17 +495,22 @@ class SshTransport:
                 ready, _, _ = select.select(fds, [], [], min(left, wait))
                 if self.guest.console_fd in ready:
                     self.guest.watch_console(what)
-                # Data comes before the EOF: once the EOF is seen, what
-                # is read next is the rest of both streams.
+                # Data comes before the EOF, the status before the close:
+                # once they are seen, what is read next is the rest of both
+                # streams.
                 ended = channel.eof_received or channel.closed
+                closed = channel.closed
+                has_status = channel.status_event.is_set()
                 while channel.recv_ready():
                     stdout += channel.recv(65536)
                 while channel.recv_stderr_ready():
                     stderr += channel.recv_stderr(65536)
-                if ended and channel.exit_status_ready():
+                if ended and has_status:
                     return bytes(stdout), bytes(stderr), channel.recv_exit_status()
-                if channel.closed:
-                    raise self._lost(what, EOFError("channel closed without a status"))
+                if closed:
+                    raise self._lost(
+                        what, EOFError("channel closed without an exit status")
+                    )
                 if not self._transport_alive():
                     raise self._lost(what, EOFError("the SSH connection dropped"))
 

@@ -293,7 +293,8 @@ def server() -> Iterator[Server]:
             transports.append(transport)
             try:
                 transport.start_server(server=sshd)
-            except (paramiko.SSHException, EOFError):
+            except (paramiko.SSHException, EOFError, OSError):
+                # A client that refused the host key hangs up.
                 continue
 
     thread = threading.Thread(target=serve, daemon=True)
