@@ -421,6 +421,8 @@ class SshTransport:
         started = time.monotonic()
         warnings_before = len(self.guest.warnings)
         self.guest.watch_console(what)
+        # Written first: a command that crashes the guest is in it too.
+        self._record(f"$ {text}\n")
         try:
             channel = self._transport(what).open_session(timeout=timeout)
             channel.exec_command(text)
@@ -436,9 +438,10 @@ class SshTransport:
             warnings=self.guest.warnings[warnings_before:],
             stderr=stderr.decode(errors="replace"),
         )
-        self._record(
-            f"$ {text}\n{result.transcript}[rc={rc}, {result.seconds:.2f} s]\n"
-        )
+        said = result.transcript
+        if said and not said.endswith("\n"):
+            said += "\n"
+        self._record(f"{said}[rc={rc}, {result.seconds:.2f} s]\n")
         return result
 
     def put(self, local: Path, remote: str, timeout: float) -> None:

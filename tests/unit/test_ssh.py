@@ -466,3 +466,22 @@ def test_a_warning_on_the_console_is_the_commands(
 
     assert len(result.warnings) == 1 and "kernel/sched/core.c" in result.warnings[0]
     assert console.warnings == result.warnings
+
+
+def test_each_command_goes_to_the_transcript_with_rc_and_both_streams(
+    transport: tuple[ssh.SshTransport, ConsoleStandIn], tmp_path: Path
+) -> None:
+    made, _ = transport
+    made.transcript = tmp_path / "ssh.log"
+
+    made.command("run", ("/bin/streams", "3"), timeout=10)
+    with pytest.raises(GuestError):
+        made.command("run", ("/bin/hang",), timeout=0.3)
+
+    lines = made.transcript.read_text().splitlines()
+    assert lines[0] == "$ run /bin/streams 3"
+    assert lines[1:4] == ["out 1", "out 2", "out 3"]
+    assert lines[4:8] == ["--- stderr ---", "err 1", "err 2", "err 3"]
+    assert lines[8].startswith("[rc=3, ")
+    # A command that never ended is there too: the console says the rest.
+    assert lines[9:] == ["$ run /bin/hang"]
