@@ -320,7 +320,13 @@ class BootedGuest:
     def console_tail(self, lines: int = 40) -> str:
         return tail_of(self.console_log, lines)
 
-    def hung(self, what: str, timeout: float, output: str = "") -> GuestError:
+    def hung(
+        self,
+        what: str,
+        timeout: float,
+        output: str = "",
+        error: type[LabError] = GuestError,
+    ) -> LabError:
         """Give up on a guest that did not answer in time: kill QEMU and
         return the error to raise, with the console tail and (from a
         transport that has it) what the command printed so far."""
@@ -329,7 +335,7 @@ class BootedGuest:
         tail = tail_of(self.console_log, 40)
         if output:
             tail += f"\n--- the command's output so far ---\n{output.rstrip()}"
-        return GuestError(
+        return error(
             f"guest hang: no answer within {timeout:g} s during {what}",
             self.console_log,
             tail,
@@ -434,14 +440,7 @@ class BootedGuest:
             )
         if not hang:
             return -1
-        self.crashed = f"no answer within {timeout:.0f} s"
-        self.kill()
-        raise error(
-            f"guest hang: no answer within {timeout:g} s during {what}",
-            self.console_log,
-            tail_of(self.console_log, 40),
-            kernel_fault=True,
-        )
+        raise self.hung(what, timeout, error=error)
 
     def _drain(self, seconds: float) -> None:
         """Read what the console still prints for a while (a crash trace)."""
