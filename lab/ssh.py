@@ -14,6 +14,7 @@ command: a panic or an oops ends it at once with the console tail.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -108,7 +109,12 @@ class SshKeys:
 
     def host_key(self) -> paramiko.PKey:
         """The public half of the host key: the one key a guest may offer."""
-        return load_key(self.host_key_file)
+        public = self.host_key_file.with_name(HOST_KEY + ".pub")
+        try:
+            kind, data = public.read_text().split()[:2]
+            return paramiko.PKey.from_type_string(kind, base64.b64decode(data))
+        except (OSError, ValueError, paramiko.SSHException) as err:
+            raise ToolMissing(f"cannot read the lab's SSH key {public}: {err}") from err
 
     def client_key(self) -> paramiko.PKey:
         return load_key(self.client_key_file)
@@ -154,7 +160,7 @@ def lab_keys(cache: LabCache) -> SshKeys:
         generate_key(scratch / HOST_KEY, "kernel-lab guest host key")
         generate_key(scratch / CLIENT_KEY, "kernel-lab client")
         return {
-            "host_key": load_key(scratch / HOST_KEY).fingerprint,
+            "host_key": SshKeys(scratch).host_key().fingerprint,
             "client_key": load_key(scratch / CLIENT_KEY).fingerprint,
         }
 

@@ -95,6 +95,9 @@ def test_keys_are_made_once_per_cache_and_private_ones_are_0600(
 
     assert first.entry == again.entry == tmp_path / "cache" / "ssh" / ssh.KEYS_NAME
     assert first.host_key() == again.host_key()
+    # The client trusts the public half, read from the .pub file.
+    assert not first.host_key().can_sign()
+    assert first.host_key() == ssh.load_key(first.host_key_file)
     assert first.host_key() != first.client_key()
     for path in (first.host_key_file, first.client_key_file):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
