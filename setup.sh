@@ -13,8 +13,9 @@ APT_PACKAGES=(
 	checkpolicy
 	# virtme-ng: its guest init needs udevd for the script I/O ports
 	udev
-	# --lab-host's tests start their own sshd on 127.0.0.1 (never the
-	# system's: see policy-rc.d below)
+	# sshd: the --lab-transport ssh guests run this binary, and the
+	# --lab-host tests start their own on 127.0.0.1 (never the system's
+	# service: see policy-rc.d below)
 	openssh-server openssh-client
 	# BTF for the BPF LSM: pahole, bpftool, clang, static libbpf
 	dwarves bpftool clang llvm libbpf-dev zlib1g-dev libzstd-dev
@@ -58,8 +59,8 @@ fi
 # Newly installed on a host with systemd: nor at boot. An sshd the host
 # had before is its own business and left alone.
 if [ -z "$HAD_SSHD" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-	$SUDO systemctl disable --now ssh.service >/dev/null 2>&1 || true
-	echo "[setup] openssh-server installed for the tests; its system service is disabled"
+	$SUDO systemctl disable --now ssh.service ssh.socket >/dev/null 2>&1 || true
+	echo "[setup] openssh-server installed for the lab; its system service is disabled"
 fi
 
 # lava-dispatcher brings the services of a LAVA worker: lava-worker (a

@@ -33,16 +33,29 @@
  * test line named by the command's id ("ok <n> <id>", or "not ok <n> <id>
  * # rc=<rc>"); the programs print their own KTAP. Lines starting with "#"
  * are comments. This is what a LAVA job runs (lab/lava.py).
+ *
+ * For the SSH transport (lab/ssh.py) the kernel command line carries
+ * lab.ip=<address>/<prefix> (eth0 and lo are brought up) and lab.sshd=1
+ * (/usr/sbin/sshd is started before READY). lab-init is root's login
+ * shell there: sshd runs "lab-init -c '<verb> [args]'", which serves that
+ * one command with its output on stdout, its own errors on stderr, and
+ * exits with the command's rc. The console keeps serving as above.
  */
+#include <arpa/inet.h>
 #include <errno.h>
 #include <stdbool.h>
 #include <fcntl.h>
+#include <net/if.h>
+#include <signal.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/klog.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/reboot.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
@@ -55,6 +68,16 @@
 /* Console log level in plan mode: warnings and worse still show. */
 #define PLAN_CONSOLE_LEVEL	5
 #define SYSLOG_CONSOLE_LEVEL	8
+/* Only the lab's initramfs has it (lab/guest.py): -c runs nowhere else. */
+#define GUEST_MARKER	"/etc/kernel-lab-guest"
+#define SSHD		"/usr/sbin/sshd"
+
+/*
+ * Where lab-init's own error messages go: the console (stdout) when it
+ * serves the console, stderr for one command under sshd, so that the
+ * host gets the command's output and lab-init's complaints apart.
+ */
+static FILE *errout;
 
 static const struct {
 	const char *source, *target, *type;
@@ -159,13 +182,13 @@ static int run_program(char **argv, const char *cgroup)
 				 cgroup);
 			err = write_file(procs, "0", false);
 			if (err) {
-				printf("lab-init: join %s: %s\n", cgroup,
+				fprintf(errout, "lab-init: join %s: %s\n", cgroup,
 				       strerror(-err));
 				exit(127);
 			}
 		}
 		execv(argv[0], argv);
-		printf("lab-init: exec %s: %s\n", argv[0], strerror(errno));
+		fprintf(errout, "lab-init: exec %s: %s\n", argv[0], strerror(errno));
 		exit(127);
 	}
 	if (waitpid(pid, &status, 0) < 0)
@@ -212,21 +235,205 @@ static int serve(char *verb, char *rest)
 			argc--;
 		}
 		if (!argc) {
-			printf("lab-init: %s: no program\n", verb);
+			fprintf(errout, "lab-init: %s: no program\n", verb);
 			return 1;
 		}
 		ret = run_program(argv, cgroup);
 		if (ret >= 0)
 			return ret;
 	} else {
-		printf("lab-init: unknown command %s\n", verb);
+		fprintf(errout, "lab-init: unknown command %s\n", verb);
 		return 1;
 	}
 	if (ret < 0) {
-		printf("lab-init: %s %s: %s\n", verb, rest, strerror(-ret));
+		fprintf(errout, "lab-init: %s %s: %s\n", verb, rest, strerror(-ret));
 		return 1;
 	}
 	return 0;
+}
+
+/* The value of "name=" on the kernel command line, or NULL. */
+static const char *cmdline_value(const char *name, char *buf, size_t size)
+{
+	size_t len = strlen(name);
+	char *word, *save;
+	ssize_t n;
+	int fd;
+
+	fd = open("/proc/cmdline", O_RDONLY);
+	if (fd < 0)
+		return NULL;
+	n = read(fd, buf, size - 1);
+	close(fd);
+	if (n <= 0)
+		return NULL;
+	buf[n] = '\0';
+	for (word = strtok_r(buf, " \n", &save); word;
+	     word = strtok_r(NULL, " \n", &save))
+		if (!strncmp(word, name, len) && word[len] == '=')
+			return word + len + 1;
+	return NULL;
+}
+
+/* Bring an interface up, with an IPv4 address and prefix if given. */
+static int interface_up(int sock, const char *name, const char *address,
+			int prefix)
+{
+	struct sockaddr_in *sin;
+	struct ifreq ifr;
+
+	memset(&ifr, 0, sizeof(ifr));
+	snprintf(ifr.ifr_name, sizeof(ifr.ifr_name), "%s", name);
+	if (address) {
+		sin = (struct sockaddr_in *)&ifr.ifr_addr;
+		sin->sin_family = AF_INET;
+		if (inet_pton(AF_INET, address, &sin->sin_addr) != 1)
+			return -EINVAL;
+		if (ioctl(sock, SIOCSIFADDR, &ifr))
+			return -errno;
+		sin->sin_addr.s_addr = htonl(prefix ? ~0u << (32 - prefix) : 0);
+		if (ioctl(sock, SIOCSIFNETMASK, &ifr))
+			return -errno;
+	}
+	if (ioctl(sock, SIOCGIFFLAGS, &ifr))
+		return -errno;
+	ifr.ifr_flags |= IFF_UP;
+	return ioctl(sock, SIOCSIFFLAGS, &ifr) ? -errno : 0;
+}
+
+/* lab.ip=<address>/<prefix>: lo up, eth0 up with that address. */
+static void network_up(const char *spec)
+{
+	char address[64], *slash;
+	int sock, prefix, err;
+
+	snprintf(address, sizeof(address), "%s", spec);
+	slash = strchr(address, '/');
+	prefix = slash ? atoi(slash + 1) : 32;
+	if (slash)
+		*slash = '\0';
+	if (prefix < 0 || prefix > 32) {
+		printf("lab-init: lab.ip=%s: bad prefix\n", spec);
+		return;
+	}
+	sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (sock < 0) {
+		printf("lab-init: network: %s\n", strerror(errno));
+		return;
+	}
+	err = interface_up(sock, "lo", NULL, 0);
+	if (err)
+		printf("lab-init: lo up: %s\n", strerror(-err));
+	err = interface_up(sock, "eth0", address, prefix);
+	if (err)
+		printf("lab-init: eth0 %s up: %s\n", spec, strerror(-err));
+	close(sock);
+}
+
+static volatile pid_t sshd_pid;
+
+/*
+ * sshd ended (it failed to start, or died): say so on the console at
+ * once, so that the host stops waiting for it (lab/ssh.py).
+ */
+static void sshd_reaper(int sig)
+{
+	int saved_errno = errno, status, len;
+	char msg[64];
+
+	(void)sig;
+	if (sshd_pid <= 0 || waitpid(sshd_pid, &status, WNOHANG) != sshd_pid)
+		goto out;
+	sshd_pid = 0;
+	len = snprintf(msg, sizeof(msg), "@@LAB:SSHD-EXIT status=%d@@\n",
+		       WIFSIGNALED(status) ? 128 + WTERMSIG(status) :
+					     WEXITSTATUS(status));
+	if (write(STDOUT_FILENO, msg, len) < 0)
+		goto out;
+out:
+	errno = saved_errno;
+}
+
+/*
+ * Start sshd in the foreground (a child of init, so it lives as long as
+ * the guest), with its log on the console: the lab's sshd_config keeps
+ * that to errors. The host retries its connection until sshd answers.
+ */
+static void start_sshd(void)
+{
+	char *argv[] = { SSHD, "-D", "-e", NULL };
+	struct sigaction sa = { .sa_handler = sshd_reaper,
+				.sa_flags = SA_RESTART | SA_NOCLDSTOP };
+	sigset_t chld, old;
+	pid_t pid;
+	int fd;
+
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGCHLD, &sa, NULL);
+	/* An sshd that dies at once must find sshd_pid set. */
+	sigemptyset(&chld);
+	sigaddset(&chld, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &chld, &old);
+	fflush(stdout);
+	pid = fork();
+	if (pid > 0)
+		sshd_pid = pid;
+	if (pid) {
+		if (pid < 0)
+			printf("lab-init: sshd: %s\n", strerror(errno));
+		sigprocmask(SIG_SETMASK, &old, NULL);
+		return;
+	}
+	signal(SIGCHLD, SIG_DFL);
+	sigprocmask(SIG_SETMASK, &old, NULL);
+	fd = open("/dev/null", O_RDONLY);
+	if (fd >= 0) {
+		dup2(fd, 0);
+		close(fd);
+	}
+	setsid();
+	execv(argv[0], argv);
+	printf("lab-init: exec %s: %s\n", argv[0], strerror(errno));
+	exit(127);
+}
+
+/* The SSH transport's pieces, as the kernel command line asks. */
+static void start_ssh_transport(void)
+{
+	char buf[4096];
+	const char *value;
+
+	value = cmdline_value("lab.ip", buf, sizeof(buf));
+	if (value)
+		network_up(value);
+	value = cmdline_value("lab.sshd", buf, sizeof(buf));
+	if (value && !strcmp(value, "1"))
+		start_sshd();
+}
+
+/*
+ * "lab-init -c '<verb> [args]'", as sshd runs root's login shell: serve
+ * that one command and exit with its rc. Only in the lab's guest.
+ */
+static int serve_one(const char *command)
+{
+	char line[LINE_MAX_LEN], *verb, *rest;
+
+	if (access(GUEST_MARKER, F_OK)) {
+		fprintf(stderr, "lab-init: -c serves the lab's SSH transport and "
+			"runs only in the lab's guest (no %s here)\n",
+			GUEST_MARKER);
+		return 2;
+	}
+	errout = stderr;
+	snprintf(line, sizeof(line), "%s", command);
+	verb = strtok(line, " ");
+	rest = strtok(NULL, "");
+	if (!verb) {
+		fprintf(stderr, "lab-init: -c: no command\n");
+		return 2;
+	}
+	return serve(verb, rest ? rest : "");
 }
 
 static void power_off(void)
@@ -359,6 +566,9 @@ int main(int argc, char **argv)
 	const char *plan;
 	bool runner;
 
+	errout = stdout;
+	if (argc == 3 && !strcmp(argv[1], "-c"))
+		return serve_one(argv[2]);
 	runner = argc > 1 && !strcmp(argv[1], "--runner");
 	if (getpid() != 1 && !runner) {
 		/* It mounts over /proc, /tmp and /sys: never on a host. */
@@ -370,6 +580,8 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	mount_all();
 	console_quiet();
+	if (!runner)
+		start_ssh_transport();
 	uname(&uts);
 	printf("@@LAB:READY %s %s@@\n", uts.release, uts.machine);
 

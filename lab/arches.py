@@ -76,6 +76,11 @@ class Arch:
     no_bpf_lsm: str = ""
     # The arch of LAVA's qemu device type (job context "arch").
     lava_arch: str = ""
+    # Why --lab-transport ssh cannot reach this arch's guest ("" if it can).
+    no_ssh: str = ""
+    # What the TCG CPU model needs for a hardware RNG (seeds the kernel's
+    # RNG at boot; the SSH transport's sshd waits for it), "" for none.
+    tcg_rng_flag: str = ""
 
     @property
     def cc(self) -> str:
@@ -117,6 +122,7 @@ X86_64 = Arch(
     # The PS/2 mouse probe prints late and asynchronously: no mouse port.
     cmdline=("i8042.noaux",),
     lava_arch="amd64",
+    tcg_rng_flag=",+rdrand",
 )
 
 MIPS = Arch(
@@ -164,6 +170,11 @@ MIPS = Arch(
     ),
     no_bpf_lsm="MIPS has no BPF trampolines, which BPF LSM programs need",
     lava_arch="mips",
+    no_ssh=(
+        "the guest runs the host's Debian sshd, and Debian has no big-endian "
+        "MIPS port since Debian 11 (no sshd for this guest); the MIPS kernel "
+        "also has no network driver"
+    ),
 )
 
 ARCHES: dict[str, Arch] = {arch.name: arch for arch in (X86_64, MIPS)}

@@ -6,6 +6,8 @@ Layout under the cache root (default ~/.cache/kernel-lab, --lab-cache):
     guest/<arch>-<key>/     guest programs and initramfs
     bpf/<arch>-<key>/       BPF programs and loader built for one kernel
     selinux/<arch>-<key>/   the dummy SELinux policy for one kernel
+    ssh/keys-1/             the lab's SSH host and client keys (lab/ssh.py)
+    ssh/<arch>-<key>/       the guest's sshd archive (--lab-transport ssh)
     scratch/                builds in progress (removed when they end)
     failed/                 build logs of failed builds
     locks/                  one lock file per key
@@ -39,12 +41,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def concat_files(parts: Sequence[Path], out: Path) -> None:
-    """Write the parts one after the other into out, atomically."""
+def concat_files(parts: Sequence[Path], out: Path, align: int = 1) -> None:
+    """Write the parts one after the other into out, atomically; with
+    align, each part starts at a multiple of it (zeros in between)."""
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             for part in parts:
+                f.write(b"\0" * (-f.tell() % align))
                 with part.open("rb") as src:
                     shutil.copyfileobj(src, f)
         os.replace(tmp, out)
@@ -113,14 +117,16 @@ class LabCache:
         (BPF programs, a SELinux policy), written once per content beside
         `extra`. The kernel unpacks concatenated archives one after the
         other, so the bundle file itself stays as it is."""
-        both = f"{file_sha256(initramfs)} {file_sha256(extra)}"
+        both = f"aligned {file_sha256(initramfs)} {file_sha256(extra)}"
         out = (
             extra.parent
             / f"initrd-{hashlib.sha256(both.encode()).hexdigest()[:16]}.cpio.gz"
         )
         with self.lock(f"initrd-{extra.parent.name}"):
             if not out.is_file():
-                concat_files([initramfs, extra], out)
+                # An uncompressed archive must start 4-byte aligned in the
+                # whole initrd; the kernel skips the zeros before it.
+                concat_files([initramfs, extra], out, align=4)
         return out
 
     def remove_orphans(self) -> list[Path]:

@@ -65,7 +65,7 @@ class ProgramRun:
             return self.ktap.diagnostics[key]
         except KeyError:
             raise AssertionError(
-                f"the program did not report {key!r}:\n{self.result.output}"
+                f"the program did not report {key!r}:\n{self.result.transcript}"
             ) from None
 
     def assert_ok(self) -> None:
@@ -74,7 +74,7 @@ class ProgramRun:
         assert not problems, (
             "guest program reported:\n  "
             + "\n  ".join(problems)
-            + ("\n--- output ---\n" + self.result.output)
+            + ("\n--- output ---\n" + self.result.transcript)
         )
 
 
@@ -99,7 +99,7 @@ def run_program(
     if result.rc != 0:
         raise GuestError(
             f"guest program {program} {' '.join(args)} failed to run "
-            f"(rc={result.rc}):\n{result.output}"
+            f"(rc={result.rc}):\n{result.transcript}"
         )
     return ProgramRun(result, ktap)
 

@@ -4,6 +4,10 @@ The guest runs lab-init, which frames each command's output with markers
 (see guest/lab-init.c). Every wait has an explicit timeout and looks for
 the kernel's crash patterns at the same time, so a panic, an oops or a
 hang ends the wait at once with the console tail.
+
+Commands go through a transport: the console itself (ConsoleTransport,
+the default) or SSH (lab/ssh.py). Whichever carries them, the console
+stays the guest's: boot, power-off, and the source of panics and oopses.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import pexpect
 
@@ -43,13 +47,45 @@ class Timeouts:
 
 @dataclass
 class CommandResult:
-    """What one console command gave back."""
+    """What one guest command gave back. Over the console, output has both
+    streams (the console mixes them) and stderr is ""; over SSH they are
+    apart."""
 
     command: str
     rc: int
     output: str
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    stderr: str = ""
+
+    @property
+    def transcript(self) -> str:
+        """Everything the command printed, for messages: stdout, then stderr."""
+        if not self.stderr:
+            return self.output
+        return f"{self.output}--- stderr ---\n{self.stderr}"
+
+
+class Transport(Protocol):
+    """What carries lab-init's commands to a booted guest."""
+
+    name: str
+
+    def command(
+        self, verb: str, args: tuple[str, ...], timeout: float
+    ) -> CommandResult:
+        """Run one lab-init command; a crash or a hang raises GuestError."""
+        ...
+
+    def put(self, local: Path, remote: str, timeout: float) -> None:
+        """Copy a host file into the guest."""
+        ...
+
+    def get(self, remote: str, local: Path, timeout: float) -> None:
+        """Copy a guest file to the host."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def command_output(raw: str, command_id: int) -> str:
@@ -94,6 +130,7 @@ class BootedGuest:
         self.warnings: list[str] = []
         self._next_id = 1
         self._log_file: BinaryIO | None = None
+        self.transport: Transport = ConsoleTransport(self)
 
     # -- lifecycle -----------------------------------------------------
 
@@ -120,10 +157,16 @@ class BootedGuest:
     def alive(self) -> bool:
         return self.child is not None and self.child.isalive() and self.crashed is None
 
+    def use_transport(self, transport: Transport) -> None:
+        """Send the commands through transport from now on (SSH after boot)."""
+        self.transport = transport
+
     def poweroff(self) -> None:
         """Ask the guest to power off; kill QEMU if it does not end in time."""
         if self.child is None:
             return
+        # Power-off is the console's, whatever carried the commands.
+        self.transport.close()
         if self.alive:
             try:
                 self.child.sendline(f"{self._take_id()} poweroff")
@@ -139,6 +182,7 @@ class BootedGuest:
 
     def kill(self) -> None:
         """End QEMU now and close the console log."""
+        self.transport.close()
         if self.child is not None:
             if self.child.isalive():
                 self.child.close(force=True)
@@ -168,63 +212,19 @@ class BootedGuest:
     def command(
         self, verb: str, *args: str, timeout: float | None = None
     ) -> CommandResult:
-        """Send one lab-init command and wait for its end marker."""
-        if not self.alive:
-            raise GuestError(
-                f"guest is not running ({self.crashed or 'QEMU exited'})",
-                self.console_log,
-                tail_of(self.console_log),
-            )
-        assert self.child is not None
-        command_id = self._take_id()
-        text = " ".join((verb, *args))
-        what = f"command {text!r}"
-        line = f"{command_id} {text}"
-        started = time.monotonic()
-        deadline = started + (timeout or self.timeouts.command)
-        begin, end = patterns.begin_of(command_id), patterns.end_of(command_id)
-        self.child.sendline(line)
-        # lab-init prints BEGIN as soon as it reads the line. Without it
-        # for a while, the line is sent again: seen once on a loaded host,
-        # a line never reached a MIPS guest. lab-init runs an id only once.
-        got = b""
-        for attempt in range(RESENDS + 1):
-            last = attempt == RESENDS
-            wait = deadline - time.monotonic()
-            index = self._expect(
-                [begin, end],
-                wait if last else min(self._nudge, wait),
-                what,
-                GuestError,
-                allow_timeout=not last,
-            )
-            got += self.child.before
-            if index >= 0:
-                break
-            log.warning(
-                "%s: no answer from lab-init in %.0f s; sending it again",
-                what,
-                self._nudge,
-            )
-            self.child.sendline(line)
-        if index == 0:
-            got += self.child.after
-            self._expect([end], max(0.0, deadline - time.monotonic()), what, GuestError)
-            got += self.child.before
-        assert self.child.match is not None
-        # Two ttys (the guest's and pexpect's pty) each turn \n into \r\n.
-        raw = CRLF_RE.sub("\n", got.decode(errors="replace"))
-        output = command_output(raw, command_id)
-        result = CommandResult(
-            command=text,
-            rc=int(self.child.match.group("rc")),
-            output=output,
-            seconds=time.monotonic() - started,
-            # All read since the last command: a WARNING may come between two.
-            warnings=patterns.find_warnings(raw),
-        )
-        self.warnings.extend(result.warnings)
-        return result
+        """Run one lab-init command through the transport, wait for its end."""
+        self._require_alive()
+        return self.transport.command(verb, args, timeout or self.timeouts.command)
+
+    def put(self, local: Path, remote: str, timeout: float | None = None) -> None:
+        """Copy a host file into the guest (SSH transport only)."""
+        self._require_alive()
+        self.transport.put(local, remote, timeout or self.timeouts.command)
+
+    def get(self, remote: str, local: Path, timeout: float | None = None) -> None:
+        """Copy a guest file to the host (SSH transport only)."""
+        self._require_alive()
+        self.transport.get(remote, local, timeout or self.timeouts.command)
 
     def run(
         self,
@@ -244,7 +244,7 @@ class BootedGuest:
         result = self.command("cat", path)
         if result.rc != 0:
             raise GuestError(
-                f"cannot read {path} in the guest: {result.output.strip()}"
+                f"cannot read {path} in the guest: {result.transcript.strip()}"
             )
         return result.output
 
@@ -252,7 +252,8 @@ class BootedGuest:
         result = self.command("write", path, *([text] if text else []))
         if result.rc != 0:
             raise GuestError(
-                f"cannot write {text!r} to {path} in the guest: {result.output.strip()}"
+                f"cannot write {text!r} to {path} in the guest: "
+                f"{result.transcript.strip()}"
             )
 
     def append(self, path: str, text: str) -> None:
@@ -260,14 +261,14 @@ class BootedGuest:
         if result.rc != 0:
             raise GuestError(
                 f"cannot append {text!r} to {path} in the guest: "
-                f"{result.output.strip()}"
+                f"{result.transcript.strip()}"
             )
 
     def mkdir(self, path: str) -> None:
         result = self.command("mkdir", path)
-        if result.rc != 0 and "File exists" not in result.output:
+        if result.rc != 0 and "File exists" not in result.transcript:
             raise GuestError(
-                f"cannot mkdir {path} in the guest: {result.output.strip()}"
+                f"cannot mkdir {path} in the guest: {result.transcript.strip()}"
             )
 
     def rmdir(self, path: str) -> None:
@@ -276,11 +277,61 @@ class BootedGuest:
     def mount(self, fstype: str, target: str, options: str = "") -> None:
         result = self.command("mount", fstype, target, *([options] if options else []))
         if result.rc != 0:
-            why = result.output.strip()
+            why = result.transcript.strip()
             raise GuestError(f"cannot mount {fstype} on {target} in the guest: {why}")
 
     def umount(self, target: str) -> None:
         self.command("umount", target)
+
+    # -- the console while another transport carries a command ------------
+
+    @property
+    def console_fd(self) -> int:
+        """The console's file descriptor, to wait on it with select()."""
+        assert self.child is not None
+        return int(self.child.child_fd)
+
+    def watch_console(self, what: str) -> None:
+        """Take in what the console has printed, without waiting.
+
+        A crash or QEMU's exit raises GuestError as it would during a
+        console command; a kernel WARNING is recorded for the check.
+        """
+        assert self.child is not None
+        while True:
+            index = self._expect([patterns.WARNING], 0, what, GuestError, hang=False)
+            if index < 0:
+                break
+            self.warnings.append(self.child.after.decode(errors="replace"))
+        # Nothing more to match in the complete lines read so far: keep
+        # only a line that is still arriving, so the buffer does not grow.
+        buffer = self.child.buffer
+        self.child.buffer = buffer[buffer.rfind(b"\n") + 1 :]
+
+    def console_tail(self, lines: int = 40) -> str:
+        return tail_of(self.console_log, lines)
+
+    def hung(
+        self,
+        what: str,
+        timeout: float,
+        output: str = "",
+        error: type[LabError] = GuestError,
+    ) -> LabError:
+        """Give up on a guest that did not answer in time: kill QEMU and
+        return the error to raise, with the console tail and (from a
+        transport that has it) what the command printed so far."""
+        self.crashed = f"no answer within {timeout:.0f} s"
+        self.kill()
+        tail = tail_of(self.console_log, 40)
+        if output:
+            tail += f"\n--- the command's output so far ---\n{output.rstrip()}"
+        return error(
+            f"guest hang: no answer within {timeout:g} s during {what}",
+            self.console_log,
+            tail,
+            kernel_fault=True,
+        )
 
     # -- internals -----------------------------------------------------
 
@@ -299,6 +350,14 @@ class BootedGuest:
         child.delaybeforesend = None
         child.ptyproc.delayafterclose = 0.0
         return child
+
+    def _require_alive(self) -> None:
+        if not self.alive:
+            raise GuestError(
+                f"guest is not running ({self.crashed or 'QEMU exited'})",
+                self.console_log,
+                tail_of(self.console_log),
+            )
 
     def _handshake(self, tries: int = 3) -> None:
         """Make sure lab-init reads what we send before the first check.
@@ -354,10 +413,11 @@ class BootedGuest:
         timeout: float,
         what: str,
         error: type[LabError],
-        allow_timeout: bool = False,
+        hang: bool = True,
     ) -> int:
-        """Wait for one of wanted; a crash, QEMU's exit or the timeout raise
-        (a timeout returns -1 instead when allow_timeout)."""
+        """Wait for one of wanted; a crash, QEMU's exit or the timeout raise.
+
+        With hang=False the timeout is no hang: it returns -1."""
         assert self.child is not None
         crash_names = list(patterns.CRASHES)
         pattern_list = [
@@ -404,16 +464,9 @@ class BootedGuest:
                 tail,
                 kernel_fault=status == 0 and not killed,
             )
-        if allow_timeout:
+        if not hang:
             return -1
-        self.crashed = f"no answer within {timeout:.0f} s"
-        self.kill()
-        raise error(
-            f"guest hang: no answer within {timeout:g} s during {what}",
-            self.console_log,
-            tail_of(self.console_log, 40),
-            kernel_fault=True,
-        )
+        raise self.hung(what, timeout, error=error)
 
     def _drain(self, seconds: float) -> None:
         """Read what the console still prints for a while (a crash trace)."""
@@ -422,3 +475,88 @@ class BootedGuest:
             self.child.expect(pexpect.EOF, timeout=seconds)
         except (pexpect.TIMEOUT, OSError):
             pass
+
+
+class ConsoleTransport:
+    """lab-init's commands over the serial console, framed by its markers.
+
+    The console carries text lines only: no file copies, and a command's
+    stdout and stderr arrive mixed (CommandResult.stderr stays "").
+    """
+
+    name = "console"
+
+    def __init__(self, guest: BootedGuest) -> None:
+        self.guest = guest
+
+    def command(
+        self, verb: str, args: tuple[str, ...], timeout: float
+    ) -> CommandResult:
+        guest = self.guest
+        child = guest.child
+        assert child is not None
+        command_id = guest._take_id()
+        text = " ".join((verb, *args))
+        what = f"command {text!r}"
+        line = f"{command_id} {text}"
+        started = time.monotonic()
+        deadline = started + timeout
+        begin, end = patterns.begin_of(command_id), patterns.end_of(command_id)
+        child.sendline(line)
+        # lab-init prints BEGIN as soon as it reads the line. Without it
+        # for a while, the line is sent again: seen once on a loaded host,
+        # a line never reached a MIPS guest. lab-init runs an id only once.
+        got = b""
+        for attempt in range(RESENDS + 1):
+            last = attempt == RESENDS
+            wait = deadline - time.monotonic()
+            index = guest._expect(
+                [begin, end],
+                wait if last else min(guest._nudge, wait),
+                what,
+                GuestError,
+                hang=last,
+            )
+            got += child.before
+            if index >= 0:
+                break
+            log.warning(
+                "%s: no answer from lab-init in %.0f s; sending it again",
+                what,
+                guest._nudge,
+            )
+            child.sendline(line)
+        if index == 0:
+            got += child.after
+            guest._expect(
+                [end], max(0.0, deadline - time.monotonic()), what, GuestError
+            )
+            got += child.before
+        assert child.match is not None
+        # Two ttys (the guest's and pexpect's pty) each turn \n into \r\n.
+        raw = CRLF_RE.sub("\n", got.decode(errors="replace"))
+        result = CommandResult(
+            command=text,
+            rc=int(child.match.group("rc")),
+            output=command_output(raw, command_id),
+            seconds=time.monotonic() - started,
+            # All read since the last command: a WARNING may come between two.
+            warnings=patterns.find_warnings(raw),
+        )
+        guest.warnings.extend(result.warnings)
+        return result
+
+    def put(self, local: Path, remote: str, timeout: float) -> None:
+        raise self._no_files(f"copy {local} into the guest")
+
+    def get(self, remote: str, local: Path, timeout: float) -> None:
+        raise self._no_files(f"copy {remote} out of the guest")
+
+    def close(self) -> None:
+        pass
+
+    def _no_files(self, what: str) -> GuestError:
+        return GuestError(
+            f"cannot {what}: the console transport carries text lines only; "
+            "file copies need --lab-transport ssh"
+        )

@@ -28,8 +28,10 @@ log = logging.getLogger(__name__)
 
 GUEST_SRC = LAB_ROOT / "guest"
 INIT_PROGRAM = "lab-init"
+# Only the lab's initramfs has it: `lab-init -c` refuses to run elsewhere.
+GUEST_MARKER = "etc/kernel-lab-guest"
 CFLAGS = ("-O2", "-static", "-Wall", "-Wextra", "-D_GNU_SOURCE")
-GUEST_FORMAT = 1
+GUEST_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -133,8 +135,8 @@ class CpioWriter:
     def _pad(self) -> None:
         self.buf.write(b"\0" * (-self.buf.tell() % 4))
 
-    def directory(self, name: str) -> None:
-        self._entry(name, 0o040755)
+    def directory(self, name: str, mode: int = 0o755) -> None:
+        self._entry(name, 0o040000 | mode)
 
     def file(self, name: str, data: bytes, mode: int = 0o755) -> None:
         self._entry(name, 0o100000 | mode, data)
@@ -149,9 +151,14 @@ class CpioWriter:
 
 def _write_initramfs(bin_dir: Path, out: Path) -> None:
     cpio = CpioWriter()
-    for d in ("bin", "dev", "proc", "sys", "tmp"):
+    for d in ("bin", "dev", "etc", "proc", "sys", "tmp"):
         cpio.directory(d)
     cpio.char_device("dev/console", 5, 1)
+    cpio.file(
+        GUEST_MARKER,
+        b"The kernel-lab guest's initramfs (see guest/lab-init.c).\n",
+        0o644,
+    )
     cpio.file("init", (bin_dir / INIT_PROGRAM).read_bytes())
     for prog in sorted(bin_dir.iterdir()):
         cpio.file(f"bin/{prog.name}", prog.read_bytes())

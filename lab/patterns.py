@@ -13,6 +13,8 @@ import re
 # kernel message in the middle of it (console.py takes it out).
 READY = rb"@@LAB:READY (?P<body>[^@]*)@@"
 END = rb"@@LAB:END (?P<id>\d+) rc=(?P<rc>\d+)@@"
+# lab-init's word that the guest's sshd ended (the SSH transport).
+SSHD_EXIT_RE = re.compile(r"@@LAB:SSHD-EXIT status=(?P<status>\d+)@@")
 
 
 def end_of(command_id: int) -> bytes:

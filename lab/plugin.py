@@ -26,7 +26,7 @@ from lab.progress import Progress
 from lab.qemu import ACCELS, AccelChoice
 from lab.remote import HostAddress
 from lab.report import CheckOutcome
-from lab.session import LAUNCHERS, LabOptions, LabRun
+from lab.session import LAUNCHERS, TRANSPORTS, LabOptions, LabRun
 
 RUN_KEY = pytest.StashKey[LabRun]()
 OPTIONS_KEY = pytest.StashKey[LabOptions]()
@@ -66,6 +66,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="qemu",
         help="boot with plain QEMU and the lab's initramfs, or with "
         "virtme-ng where it supports the arch (default: qemu)",
+    )
+    group.addoption(
+        "--lab-transport",
+        choices=TRANSPORTS,
+        default="console",
+        help="what carries the checks' commands: lab-init on the serial "
+        "console, or SSH to an sshd in the guest with files over SFTP "
+        "(x86_64, plain QEMU launcher; default: console)",
     )
     group.addoption(
         "--lab-cache",
@@ -157,6 +165,7 @@ def options_from(config: pytest.Config) -> LabOptions:
         source=source,
         accel=config.getoption("--lab-accel"),
         launcher=config.getoption("--lab-launcher"),
+        transport=config.getoption("--lab-transport"),
         cache=Path(config.getoption("--lab-cache")),
         results=Path(config.getoption("--lab-results")),
         jobs=config.getoption("--lab-jobs"),
@@ -220,7 +229,20 @@ def pytest_configure(config: pytest.Config) -> None:
     if not config.pluginmanager.hasplugin("xdist"):
         # pytest-xdist registers it when installed; without it, no warning.
         config.addinivalue_line("markers", "xdist_group(name): pytest-xdist group")
-    config.stash[OPTIONS_KEY] = options_from(config)
+    options = options_from(config)
+    if options.transport == "ssh" and options.launcher == "vng":
+        raise pytest.UsageError(
+            "--lab-transport ssh needs --lab-launcher qemu: the SSH transport "
+            "boots sshd from the lab's initramfs, and virtme-ng boots the "
+            "host's root instead"
+        )
+    if options.transport == "ssh" and options.lab_host is not None:
+        raise pytest.UsageError(
+            "--lab-transport ssh with --lab-host is not supported yet: the "
+            "guest's forwarded SSH port is on the lab host's loopback; use "
+            "the console transport there"
+        )
+    config.stash[OPTIONS_KEY] = options
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -316,6 +338,9 @@ def guest(
     request: pytest.FixtureRequest, lab_run: LabRun, lab_arch: str
 ) -> Iterator[BootedGuest]:
     """The booted guest of this arch; a crashed one is replaced first."""
+    unavailable = lab_run.transport_unavailable(lab_arch)
+    if unavailable:
+        pytest.skip(unavailable)
     booted = lab_run.guest(lab_arch)
     watch_guest(request.node, booted)
     yield booted

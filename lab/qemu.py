@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 ACCELS = ("auto", "kvm", "tcg")
 PROBE_TIMEOUT = 30.0
+# QEMU's user-mode network as the SSH transport uses it: the guest's
+# address (lab-init sets it on eth0, see guest/lab-init.c) and its net.
+GUEST_NET = "10.0.2.0/24"
+GUEST_ADDRESS = "10.0.2.15"
+GUEST_SSH_PORT = 22
 
 
 @dataclass(frozen=True)
@@ -44,15 +49,48 @@ def kernel_cmdline(arch: Arch, extra: tuple[str, ...] = ()) -> str:
     return " ".join(parts)
 
 
+def ssh_network(host_port: int) -> tuple[list[str], tuple[str, ...]]:
+    """QEMU options and kernel parameters for the SSH transport: a virtio
+    NIC on the user-mode network, 127.0.0.1:host_port forwarded to the
+    guest's sshd, and lab-init told to bring eth0 up and start sshd.
+
+    restrict=on: the guest reaches neither the host nor beyond; only the
+    forward (which QEMU binds on 127.0.0.1 alone) comes in. romfile=: no
+    PXE option ROM to look for.
+    """
+    prefix = GUEST_NET.rsplit("/", 1)[1]
+    netdev = (
+        f"user,id=lab0,net={GUEST_NET},restrict=on,"
+        f"hostfwd=tcp:127.0.0.1:{host_port}-{GUEST_ADDRESS}:{GUEST_SSH_PORT}"
+    )
+    options = [
+        "-netdev",
+        netdev,
+        "-device",
+        "virtio-net-pci,netdev=lab0,romfile=",
+    ]
+    return options, (f"lab.ip={GUEST_ADDRESS}/{prefix}", "lab.sshd=1")
+
+
 def qemu_argv(
     arch: Arch,
     image: Path,
     initramfs: Path,
     accel: str,
     extra_cmdline: tuple[str, ...] = (),
+    ssh_port: int | None = None,
 ) -> list[str]:
-    """The full QEMU command for a plain boot with the lab's initramfs."""
+    """The full QEMU command for a plain boot with the lab's initramfs;
+    with ssh_port, the network of the SSH transport too."""
     cpu = arch.cpu_kvm if accel == "kvm" and arch.cpu_kvm else arch.cpu_tcg
+    network: list[str] = []
+    if ssh_port is not None:
+        network, ssh_cmdline = ssh_network(ssh_port)
+        extra_cmdline = (*extra_cmdline, *ssh_cmdline)
+        if accel == "tcg" and arch.tcg_rng_flag:
+            # sshd waits in getrandom() until the kernel's RNG is seeded:
+            # 1.5 s after lab-init under TCG, at once with the CPU's RNG.
+            cpu += arch.tcg_rng_flag
     return [
         arch.qemu,
         "-M",
@@ -81,6 +119,7 @@ def qemu_argv(
         str(initramfs),
         "-append",
         kernel_cmdline(arch, extra_cmdline),
+        *network,
         *arch.qemu_extra,
     ]
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import shlex
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lab import bpf, vng
+from lab import bpf, ssh, vng
 from lab.arches import Arch, get_arch
 from lab.cache import LabCache
 from lab.console import BootedGuest, Timeouts
@@ -38,6 +39,7 @@ from lab.report import RunResults
 log = logging.getLogger(__name__)
 
 LAUNCHERS = ("qemu", "vng")
+TRANSPORTS = ssh.TRANSPORTS
 # TCG runs guest code many times slower than KVM; timeouts scale with it.
 TCG_SLOWDOWN = 3.0
 
@@ -51,6 +53,8 @@ class LabOptions:
     )
     accel: str = "auto"
     launcher: str = "qemu"
+    # What carries the checks' commands: the serial console, or SSH.
+    transport: str = "console"
     cache: Path = Path("~/.cache/kernel-lab")
     results: Path = Path("results")
     jobs: int | None = None
@@ -228,6 +232,8 @@ class LabRun:
         assert state.accel is not None
         number = len(state.boots) + 1
         console_log = self.results.boot_file(state.arch, "console.log", number)
+        cmd_file = self.results.boot_file(state.arch, "qemu.cmd", number)
+        self._say_boot(state, kernel, self.options.launcher, number)
         if self.options.launcher == "vng" and state.arch.vng:
             launch = vng.session_launch(
                 state.arch, kernel.image, bundle, state.accel.accel
@@ -246,6 +252,7 @@ class LabRun:
                 startup=launch.startup,
                 more_program_dirs=launch.more_program_dirs,
             )
+            self._start(state, guest, cmd_file)
         else:
             initrd = bundle.initramfs
             if not state.arch.no_bpf_lsm and kernel.vmlinux_h is not None:
@@ -253,42 +260,97 @@ class LabRun:
                 initrd = bpf.boot_initrd(
                     state.arch, kernel, initrd, self.cache, self.progress
                 )
-            argv = qemu_argv(state.arch, kernel.image, initrd, state.accel.accel)
-            guest = self.qemu_guest(state.arch.name, argv, console_log)
-        self.results.boot_file(state.arch, "qemu.cmd", number).write_text(
-            self._where() + shlex.join(guest.argv) + "\n"
-        )
-        seconds = self._start(state, kernel, guest, self.options.launcher, number)
-        state.boots.append(seconds)
-        self.results.add_boot(state.arch, seconds, guest.release)
+            guest = self.start_guest(state.arch.name, initrd, console_log, cmd_file)
+        state.boots.append(guest.boot_seconds)
+        self.results.add_boot(state.arch, guest.boot_seconds, guest.release)
         return guest
 
-    def _start(
+    def transport_unavailable(self, arch_name: str) -> str:
+        """Why the chosen transport cannot reach this arch's guest ("" if
+        it can): checks are skipped with it."""
+        arch = self.state(arch_name).arch
+        if self.options.transport == "ssh" and arch.no_ssh:
+            return f"--lab-transport ssh on {arch.name}: {arch.no_ssh}"
+        return ""
+
+    def start_guest(
         self,
-        state: ArchState,
-        kernel: KernelImage,
-        guest: BootedGuest,
-        how: str,
-        number: int,
-    ) -> float:
+        arch_name: str,
+        initrd: Path,
+        console_log: Path,
+        cmd_file: Path,
+        extra_cmdline: tuple[str, ...] = (),
+        transport: str | None = None,
+    ) -> BootedGuest:
+        """Boot the arch's kernel under plain QEMU with initrd, on the run's
+        QEMU host (this machine or the --lab-host), and connect the
+        transport (the run's unless given); the QEMU command goes to
+        cmd_file."""
+        state = self.state(arch_name)
+        accel = self.accel(arch_name)
+        kernel = self.kernel(arch_name)
+        endpoint = None
+        if (transport or self.options.transport) == "ssh":
+            if self.options.lab_host is not None:
+                raise LabError(
+                    "--lab-transport ssh does not reach a guest on a --lab-host "
+                    "yet: use the console transport there"
+                )
+            # The guest's sshd: one more archive, a forwarded port, the keys.
+            initrd = ssh.boot_initrd(state.arch, initrd, self.cache, self.progress)
+            keys = ssh.lab_keys(self.cache)
+            endpoint = ssh.SshEndpoint(
+                ssh.LOOPBACK, ssh.free_port(), keys.host_key(), keys.client_key()
+            )
+        argv = qemu_argv(
+            state.arch,
+            kernel.image,
+            initrd,
+            accel.accel,
+            extra_cmdline=extra_cmdline,
+            ssh_port=endpoint.port if endpoint else None,
+        )
+        guest = self.qemu_guest(arch_name, argv, console_log)
+        return self._start(state, guest, cmd_file, endpoint)
+
+    def _say_boot(
+        self, state: ArchState, kernel: KernelImage, how: str, number: int
+    ) -> None:
         assert state.accel is not None
         where = f" on {self.options.lab_host}" if self.options.lab_host else ""
         self.progress.phase(
             f"boot {state.arch.name}: {kernel.release} under "
-            f"{state.accel.accel.upper()} ({how}{where}), boot {number}"
+            f"{state.accel.accel.upper()} ({how}, {self.options.transport}{where}), "
+            f"boot {number}"
         )
+
+    def _start(
+        self,
+        state: ArchState,
+        guest: BootedGuest,
+        cmd_file: Path,
+        endpoint: ssh.SshEndpoint | None = None,
+    ) -> BootedGuest:
+        """Boot a guest, wait for lab-init (and sshd); boot_seconds is the
+        time until the guest takes commands on its transport."""
+        cmd_file.write_text(self._where() + shlex.join(guest.argv) + "\n")
+        timeouts = self.timeouts(state)
+        started = time.monotonic()
         try:
-            seconds = guest.boot()
+            guest.boot()
+            if endpoint is not None:
+                ssh.attach(guest, endpoint, timeouts.boot)
         except LabError:
             guest.kill()
             raise
-        self.progress.phase(f"boot {state.arch.name}: up in {seconds:.1f} s")
-        return seconds
+        guest.boot_seconds = time.monotonic() - started
+        self.progress.phase(f"boot {state.arch.name}: up in {guest.boot_seconds:.1f} s")
+        return guest
 
     def variant_guest(self, arch_name: str, variant: BootVariant) -> VariantGuest:
-        """The running guest of a boot variant; boots one (plain QEMU) and
-        runs the variant's setup if there is none alive. A failing setup
-        powers the guest off and raises."""
+        """The running guest of a boot variant; boots one (plain QEMU, the
+        run's transport) and runs the variant's setup if there is none
+        alive. A failing setup powers the guest off and raises."""
         state = self.state(arch_name)
         booted = state.variants.get(variant.name)
         if booted is not None and booted.guest.alive:
@@ -297,30 +359,30 @@ class LabRun:
             booted.guest.kill()
             del state.variants[variant.name]
 
-        accel = self.accel(arch_name)
+        self.accel(arch_name)
         kernel = self.kernel(arch_name)
         base = self.bundle(arch_name).initramfs
         initrd = variant.initrd(self, state.arch, kernel, base)
-        argv = qemu_argv(
-            state.arch,
-            kernel.image,
-            initrd,
-            accel.accel,
-            extra_cmdline=variant.cmdline(kernel),
-        )
         boots = state.variant_boots.setdefault(variant.name, [])
         number = len(boots) + 1
         console_log = self.results.boot_file(
             state.arch, f"console.{variant.name}.log", number
         )
-        # On the run's QEMU host: this machine, or the --lab-host.
-        guest = self.qemu_guest(arch_name, argv, console_log)
-        self.results.boot_file(
+        cmd_file = self.results.boot_file(
             state.arch, f"qemu.{variant.name}.cmd", number
-        ).write_text(self._where() + shlex.join(guest.argv) + "\n")
-        seconds = self._start(state, kernel, guest, f"qemu, {variant.name}", number)
-        boots.append(seconds)
-        self.results.add_boot(state.arch, seconds, guest.release, variant.name)
+        )
+        self._say_boot(state, kernel, f"qemu, {variant.name}", number)
+        guest = self.start_guest(
+            arch_name,
+            initrd,
+            console_log,
+            cmd_file,
+            extra_cmdline=variant.cmdline(kernel),
+        )
+        boots.append(guest.boot_seconds)
+        self.results.add_boot(
+            state.arch, guest.boot_seconds, guest.release, variant.name
+        )
         try:
             result = variant.setup(guest)
         except BaseException:

@@ -76,7 +76,11 @@ class SelinuxBoot:
 def selinux_boot(
     request: pytest.FixtureRequest, lab_run: LabRun, lab_arch: str
 ) -> SelinuxBoot:
-    """The arch's SELinux boot (booted once, policy loaded), from now on."""
+    """The arch's SELinux boot (booted once, policy loaded), from now on.
+    The run's transport carries the commands, as in the default boot."""
+    unavailable = lab_run.transport_unavailable(lab_arch)
+    if unavailable:
+        pytest.skip(unavailable)
     booted = lab_run.variant_guest(lab_arch, selinux.BOOT)
     guest = booted.guest
     watch_guest(request.node, guest)

@@ -325,3 +325,15 @@ def test_kernel_message_in_the_middle_of_a_line_is_taken_out() -> None:
     raw = "@@LAB:BEGIN 7@@\n# pid: 4[    2.000001] rcu: something\n2\nok 1 x\n"
 
     assert command_output(raw, 7) == "# pid: 42\nok 1 x\n"
+
+
+def test_console_transport_copies_no_files_and_says_what_does(
+    guest: BootedGuest, tmp_path: Path
+) -> None:
+    with pytest.raises(GuestError, match="file copies need --lab-transport ssh"):
+        guest.put(tmp_path / "file", "/tmp/file")
+    with pytest.raises(GuestError, match="file copies need --lab-transport ssh"):
+        guest.get("/tmp/file", tmp_path / "file")
+
+    assert guest.alive
+    assert guest.command("cat", "/sys/kernel/security/lsm").stderr == ""

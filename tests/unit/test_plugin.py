@@ -129,6 +129,7 @@ def test_help_shows_the_lab_options(pytester: pytest.Pytester) -> None:
         "--kernel-tree",
         "--lab-series",
         "--lab-accel",
+        "--lab-transport",
         "--lab-cache",
         "--lab-results",
         "--lab-host",
@@ -165,6 +166,24 @@ def test_lab_host_needs_the_qemu_launcher(pytester: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(["*--lab-host*needs --lab-launcher qemu*"])
 
 
+def test_ssh_transport_under_vng_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_sandbox=ARCH_TEST)
+
+    result = run(pytester, "--lab-transport", "ssh", "--lab-launcher", "vng")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--lab-transport ssh needs --lab-launcher qemu*"])
+
+
+def test_bad_transport_is_refused_by_the_command_line(
+    pytester: pytest.Pytester,
+) -> None:
+    result = run(pytester, "--lab-transport", "telnet")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--lab-transport*invalid choice*telnet*"])
+
+
 FAKE_RUN_CONFTEST = """
 import pytest
 
@@ -178,6 +197,9 @@ class FakeGuest:
 class FakeRun:
     def __init__(self, console_log):
         self.booted = FakeGuest(console_log)
+
+    def transport_unavailable(self, arch):
+        return ""
 
     def guest(self, arch):
         return self.booted
@@ -311,3 +333,18 @@ def test_plain_check():
         "test_plain_check",
         "test_mounts_cgroup_v1",
     ]
+
+
+def test_ssh_transport_with_a_lab_host_is_a_usage_error(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_sandbox=ARCH_TEST)
+
+    result = run(
+        pytester, "--lab-transport", "ssh", "--lab-host", "root@127.0.0.1:2222"
+    )
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["*--lab-transport ssh with --lab-host is not supported*"]
+    )

@@ -175,3 +175,12 @@ def test_failed_variant_setup_powers_the_guest_off(
 
     assert not booted[0].alive
     assert run.state("x86_64").variants == {}
+
+
+def test_ssh_transport_is_unavailable_on_mips_with_the_reason(tmp_path: Path) -> None:
+    ssh_run = LabRun(LabOptions(transport="ssh", cache=tmp_path, results=tmp_path))
+    console_run = LabRun(LabOptions(cache=tmp_path, results=tmp_path))
+
+    assert ssh_run.transport_unavailable("x86_64") == ""
+    assert "big-endian" in ssh_run.transport_unavailable("mips")
+    assert console_run.transport_unavailable("mips") == ""
