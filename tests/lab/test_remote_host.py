@@ -178,9 +178,11 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSshd]:
 
 
 def remote_lab_run(lab_run: LabRun, sshd: LocalSshd, name: str) -> LabRun:
-    """A run like the session's, its QEMU on the test's sshd."""
+    """A run like the session's, its QEMU on the test's sshd. Commands go
+    over the console: the SSH transport does not reach a lab host's guest."""
     options = replace(
         lab_run.options,
+        transport="console",
         lab_host=sshd.address,
         lab_host_key=sshd.client_key,
         lab_host_known_hosts=sshd.known_hosts,
