@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -272,7 +273,15 @@ def _yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, width=200)
 
 
-def lava_run_argv(job_dir: Path, out: Path, job_id: str = "1") -> list[str]:
+def local_job_id() -> str:
+    """A job id of this run only: lava-run works in
+    /var/lib/lava/dispatcher/tmp/<job id> and removes it at the end, so two
+    runs with one id (two sessions at once) pull the files from under each
+    other ("Connection closed", every case missing)."""
+    return f"kernel-lab-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def lava_run_argv(job_dir: Path, out: Path, job_id: str) -> list[str]:
     """lava-run on the job with the job directory's device dictionary."""
     return [
         LAVA_RUN,
@@ -298,7 +307,7 @@ def run_lava(
     if os.geteuid() != 0:
         raise LavaError("lava-run runs jobs as root only: run this as root")
     out.mkdir(parents=True, exist_ok=True)
-    argv = lava_run_argv(job_dir, out)
+    argv = lava_run_argv(job_dir, out, local_job_id())
     log_path = out / LAVA_LOG
     log.info("lava: %s", shlex.join(argv))
     (out / "lava-run.cmd").write_text(shlex.join(argv) + "\n")

@@ -3,6 +3,7 @@ real plan console, and the results read back from real lava-run logs."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import xml.etree.ElementTree as ET
@@ -222,9 +223,10 @@ def test_a_log_without_results_is_an_error(tmp_path: Path) -> None:
 
 
 def test_lava_run_command_uses_the_jobs_device(tmp_path: Path) -> None:
-    argv = lava.lava_run_argv(tmp_path / "job", tmp_path / "out")
+    argv = lava.lava_run_argv(tmp_path / "job", tmp_path / "out", "kernel-lab-1-a")
 
     assert argv[0] == "lava-run"
+    assert argv[argv.index("--job-id") + 1] == "kernel-lab-1-a"
     assert argv[argv.index("--device") + 1] == str(tmp_path / "job" / "device.yaml")
     assert argv[-1] == str(tmp_path / "job" / "job.yaml")
 
@@ -257,3 +259,11 @@ def test_lava_results_command_names_cases_the_job_did_not_report(
     out = capsys.readouterr().out
     assert "deny_rule_refuses_mask/drop_rule: missing" in out
     assert "rt_rule_refuses_fifo_99/drop_rule: missing" in out
+
+
+def test_two_local_runs_get_their_own_job_ids() -> None:
+    # lava-run's work directory is named by the job id, and removed after.
+    first, second = lava.local_job_id(), lava.local_job_id()
+
+    assert first != second
+    assert first.startswith(f"kernel-lab-{os.getpid()}-")
