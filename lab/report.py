@@ -76,6 +76,8 @@ class RunResults:
         self.arches: dict[str, ArchReport] = {}
         self.checks: list[CheckOutcome] = []
         self.started = time.time()
+        # How the guests were run: launcher, transport, QEMU host.
+        self.setup: dict[str, str] = {}
 
     @classmethod
     def create(cls, root: Path, label: str = "") -> RunResults:
@@ -178,6 +180,7 @@ class RunResults:
             ),
             "seconds": round(time.time() - self.started, 1),
             "interrupted": interrupted,
+            **self.setup,
             "counts": counts,
             "arches": {
                 name: {
@@ -235,6 +238,7 @@ class RunResults:
                 "kernel_key": report.kernel_key,
                 "hook_expanded": str(report.hook_expanded),
                 "accel": report.accel,
+                **self.setup,
             }
             suites.append(TestSuite(f"kernel-lab.{arch}", cases, properties=properties))
         return suites

@@ -114,6 +114,11 @@ class LabRun:
         self.progress = progress or Progress()
         self.cache = LabCache(options.cache)
         self.results = RunResults.create(options.results, options.run_label)
+        self.results.setup = {
+            "launcher": options.launcher,
+            "transport": options.transport,
+            "qemu_host": str(options.lab_host) if options.lab_host else "local",
+        }
         self.source = options.source
         self.states: dict[str, ArchState] = {}
         self._qemu_host: QemuHost | None = None

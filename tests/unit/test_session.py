@@ -184,3 +184,25 @@ def test_ssh_transport_is_unavailable_on_mips_with_the_reason(tmp_path: Path) ->
     assert ssh_run.transport_unavailable("x86_64") == ""
     assert "big-endian" in ssh_run.transport_unavailable("mips")
     assert console_run.transport_unavailable("mips") == ""
+
+
+def test_summary_and_junit_say_how_the_guests_ran(tmp_path: Path) -> None:
+    options = LabOptions(
+        cache=tmp_path / "cache",
+        results=tmp_path / "results",
+        transport="ssh",
+    )
+
+    run = LabRun(options)
+    run.results.arch_report("x86_64")
+    run.results.finish()
+
+    summary = run.results.summary()
+    assert (summary["launcher"], summary["transport"], summary["qemu_host"]) == (
+        "qemu",
+        "ssh",
+        "local",
+    )
+    junit = (run.results.dir / "junit.xml").read_text()
+    assert '<property name="transport" value="ssh"' in junit
+    assert '<property name="qemu_host" value="local"' in junit
