@@ -273,9 +273,20 @@ class LabRun:
     def transport_unavailable(self, arch_name: str) -> str:
         """Why the chosen transport cannot reach this arch's guest ("" if
         it can): checks are skipped with it."""
+        if self.options.transport == "ssh":
+            return self.ssh_unavailable(arch_name)
+        return ""
+
+    def ssh_unavailable(self, arch_name: str) -> str:
+        """Why this run cannot reach the arch's guest over SSH ("" if it can)."""
         arch = self.state(arch_name).arch
-        if self.options.transport == "ssh" and arch.no_ssh:
-            return f"--lab-transport ssh on {arch.name}: {arch.no_ssh}"
+        if arch.no_ssh:
+            return f"no SSH transport on {arch.name}: {arch.no_ssh}"
+        if self.options.lab_host is not None:
+            return (
+                f"no SSH transport to a guest on the --lab-host {self.options.lab_host}"
+                " (its forwarded port is on that host's loopback)"
+            )
         return ""
 
     def start_guest(

@@ -56,9 +56,9 @@ def ssh_guests(lab_run: LabRun) -> Iterator[SshGuest]:
 
 @pytest.fixture
 def ssh_guest(ssh_guests: SshGuest, lab_run: LabRun, lab_arch: str) -> BootedGuest:
-    arch = lab_run.state(lab_arch).arch
-    if arch.no_ssh:
-        pytest.skip(f"no SSH transport on {arch.name}: {arch.no_ssh}")
+    unavailable = lab_run.ssh_unavailable(lab_arch)
+    if unavailable:
+        pytest.skip(unavailable)
     return ssh_guests(lab_arch)
 
 
@@ -148,8 +148,9 @@ def test_sshd_that_cannot_start_fails_the_boot_at_once_with_its_error(
     console and the boot fails then, with sshd's own complaint in the tail,
     instead of waiting out the boot timeout."""
     arch = lab_run.state(lab_arch).arch
-    if arch.no_ssh:
-        pytest.skip(f"no SSH transport on {arch.name}: {arch.no_ssh}")
+    unavailable = lab_run.ssh_unavailable(lab_arch)
+    if unavailable:
+        pytest.skip(unavailable)
     monkeypatch.setattr(ssh, "SSHD_CONFIG", ssh.SSHD_CONFIG + "NoSuchOption yes\n")
     arch_dir = lab_run.results.arch_dir(arch)
     timeout = lab_run.timeouts(lab_run.state(lab_arch)).boot

@@ -206,3 +206,15 @@ def test_summary_and_junit_say_how_the_guests_ran(tmp_path: Path) -> None:
     junit = (run.results.dir / "junit.xml").read_text()
     assert '<property name="transport" value="ssh"' in junit
     assert '<property name="qemu_host" value="local"' in junit
+
+
+def test_no_ssh_to_a_guest_on_a_lab_host(tmp_path: Path) -> None:
+    options = LabOptions(
+        cache=tmp_path / "cache",
+        results=tmp_path / "results",
+        lab_host=HostAddress("root", "127.0.0.1", 2222),
+    )
+
+    reason = LabRun(options).ssh_unavailable("x86_64")
+
+    assert "--lab-host root@127.0.0.1:2222" in reason
