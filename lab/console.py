@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import shlex
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,13 @@ class Transport(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def signal_name(number: int | None) -> str:
+    try:
+        return signal.Signals(number or 0).name
+    except ValueError:
+        return "unknown signal"
 
 
 def command_output(raw: str, command_id: int) -> str:
@@ -450,16 +458,20 @@ class BootedGuest:
             tail = tail_of(self.console_log, 40)
             # QEMU says so when a signal ends it (exit status 0 all the same).
             killed = patterns.QEMU_KILLED_RE.search(tail)
+            # A signal QEMU could not catch (SIGKILL): no status, a signal.
+            signalled = self.child.exitstatus is None and status is not None
             # With -no-reboot, a guest that resets (a triple fault) makes
             # QEMU exit 0: the kernel's fault. Any other status is QEMU's.
             if killed:
-                how = f"QEMU was killed: {killed.group(0)}"
+                how = f"status {status}: QEMU was killed: {killed.group(0)}"
+            elif signalled:
+                how = f"killed by signal {status} ({signal_name(status)})"
             elif status == 0:
-                how = "the guest reset or powered off"
+                how = f"status {status}: the guest reset or powered off"
             else:
-                how = "QEMU failed"
+                how = f"status {status}: QEMU failed"
             raise error(
-                f"QEMU exited (status {status}: {how}) during {what}",
+                f"QEMU exited ({how}) during {what}",
                 self.console_log,
                 tail,
                 kernel_fault=status == 0 and not killed,

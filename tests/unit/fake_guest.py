@@ -7,13 +7,15 @@ marker, then "<id> <verb> [args]" in, framed output out. The boot mode
     boot modes: normal, boot-panic, boot-hang, boot-exit, ready-split
     programs:   /bin/ok, /bin/lost (its first line is lost),
                 /bin/late (taken a second late), /bin/exit3, /bin/panic,
-                /bin/oops, /bin/hang,
+                /bin/oops, /bin/hang, /bin/sigkill,
                 /bin/quit, /bin/reset, /bin/warn, /bin/late-warn, /bin/trickle-panic,
                 /bin/trickle-lockup
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 
@@ -100,6 +102,10 @@ def run_program(program: str) -> int:
     if name == "lost":
         say("KTAP version 1", "1..1", "ok 1 taken the second time")
         return 0
+    if name == "sigkill":
+        # QEMU killed by a signal it cannot catch: no exit status.
+        sys.stdout.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
     if name == "reset":
         sys.exit(0)
     if name == "late-warn":

@@ -137,6 +137,14 @@ def test_line_taken_late_is_not_run_twice(
     assert log.count("@@LAB:SEEN ") == RESENDS == 2
 
 
+def test_qemu_killed_by_a_signal_says_which(guest: BootedGuest) -> None:
+    with pytest.raises(GuestError) as caught:
+        guest.run("sigkill")
+
+    assert "QEMU exited (killed by signal 9 (SIGKILL))" in caught.value.message
+    assert not caught.value.kernel_fault
+
+
 def test_panic_raises_guest_error_with_panic_in_tail(guest: BootedGuest) -> None:
     with pytest.raises(GuestError) as caught:
         guest.run("panic")
