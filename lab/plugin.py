@@ -8,7 +8,8 @@ session, a fresh one after a crash); `kernel` gives the built image.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator
+import argparse
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,23 @@ CONSOLE_START_KEY = pytest.StashKey[tuple[Path, int]]()
 KTAP_KEY = pytest.StashKey[list[KtapReport]]()
 OUTCOME_KEY = pytest.StashKey[dict[str, Any]]()
 LAB_ERROR_KEY = pytest.StashKey[LabError]()
+
+
+def positive(kind: Callable[[str], float]) -> Callable[[str], Any]:
+    """An option type: a number above zero (a timeout of -5 s, 0 make jobs
+    are mistakes, refused as usage errors)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above zero, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -90,28 +108,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--lab-jobs",
         metavar="N",
-        type=int,
+        type=positive(int),
         default=None,
         help="parallel make jobs (default: number of CPUs)",
     )
     group.addoption(
         "--lab-build-timeout",
         metavar="S",
-        type=float,
+        type=positive(float),
         default=3600.0,
         help="seconds a kernel build may take (default: %(default)s)",
     )
     group.addoption(
         "--lab-boot-timeout",
         metavar="S",
-        type=float,
+        type=positive(float),
         default=60.0,
         help="seconds to reach the lab's init, x3 under TCG (default: %(default)s)",
     )
     group.addoption(
         "--lab-check-timeout",
         metavar="S",
-        type=float,
+        type=positive(float),
         default=30.0,
         help="seconds one guest command may take, x3 under TCG (default: %(default)s)",
     )

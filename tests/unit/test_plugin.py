@@ -358,3 +358,15 @@ def test_ssh_transport_with_a_lab_host_is_a_usage_error(
     result.stderr.fnmatch_lines(
         ["*--lab-transport ssh with --lab-host is not supported*"]
     )
+
+
+@pytest.mark.parametrize(
+    "option", ["--lab-boot-timeout=-5", "--lab-check-timeout=0", "--lab-jobs=0"]
+)
+def test_a_number_that_is_not_above_zero_is_a_usage_error(
+    pytester: pytest.Pytester, option: str
+) -> None:
+    result = run(pytester, option)
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*must be above zero*"])
