@@ -114,7 +114,10 @@ class SshKeys:
             kind, data = public.read_text().split()[:2]
             return paramiko.PKey.from_type_string(kind, base64.b64decode(data))
         except (OSError, ValueError, paramiko.SSHException) as err:
-            raise ToolMissing(f"cannot read the lab's SSH key {public}: {err}") from err
+            raise ToolMissing(
+                f"cannot read the lab's SSH key {public}: {err}; "
+                f"remove {public.parent} and the next run makes new keys"
+            ) from err
 
     def client_key(self) -> paramiko.PKey:
         return load_key(self.client_key_file)
@@ -146,7 +149,10 @@ def load_key(path: Path) -> paramiko.PKey:
     try:
         return paramiko.Ed25519Key.from_private_key_file(str(path))
     except (OSError, paramiko.SSHException) as err:
-        raise ToolMissing(f"cannot read the lab's SSH key {path}: {err}") from err
+        raise ToolMissing(
+            f"cannot read the lab's SSH key {path}: {err}; "
+            f"remove {path.parent} and the next run makes new keys"
+        ) from err
 
 
 def authorized_line(key: paramiko.PKey, comment: str = "kernel-lab") -> str:

@@ -488,3 +488,12 @@ def test_each_command_goes_to_the_transcript_with_rc_and_both_streams(
     assert lines[8].startswith("[rc=3, ")
     # A command that never ended is there too: the console says the rest.
     assert lines[9:] == ["$ run /bin/hang"]
+
+
+def test_a_damaged_key_says_how_to_get_new_ones(tmp_path: Path) -> None:
+    key = tmp_path / "keys-1" / "client_ed25519_key"
+    key.parent.mkdir()
+    key.write_text("not a key\n")
+
+    with pytest.raises(ToolMissing, match="remove .*keys-1 and the next run makes new"):
+        ssh.load_key(key)
