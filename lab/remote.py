@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import logging
 import re
 import select
@@ -110,6 +111,41 @@ def lab_host_args(
     if known_hosts is not None:
         args.append(f"--lab-host-known-hosts={known_hosts}")
     return args
+
+
+def check_key_file(path: Path) -> None:
+    """Raises RemoteHostError unless path is a readable private key without
+    a passphrase, saying what is wrong with it."""
+    if path.is_dir():
+        raise RemoteHostError(
+            f"--lab-host-key {path} is a directory, not a private key file"
+        )
+    if not path.exists():
+        raise RemoteHostError(f"--lab-host-key {path}: no such file")
+    try:
+        text = path.read_bytes().decode(errors="replace")
+    except OSError as err:
+        raise RemoteHostError(
+            f"cannot read the --lab-host-key {path}: {err.strerror or err}"
+        ) from err
+    for kind in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            kind.from_private_key(io.StringIO(text))
+        except paramiko.PasswordRequiredException as err:
+            raise RemoteHostError(
+                f"--lab-host-key {path} is encrypted with a passphrase, which "
+                "the lab cannot ask for: use a key without one, or load it "
+                f"into ssh-agent (ssh-add {path}) and leave out --lab-host-key "
+                "(the lab then uses the agent's keys)"
+            ) from err
+        except (paramiko.SSHException, ValueError, TypeError):
+            continue
+        return
+    hint = " (that is the public key)" if path.suffix == ".pub" else ""
+    raise RemoteHostError(
+        f"--lab-host-key {path} is not a private key (OpenSSH or PEM: "
+        f"Ed25519, ECDSA or RSA){hint}"
+    )
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -292,11 +328,20 @@ class RemoteHost:
                 f"cannot check the host key of {address}: {known} does not "
                 "exist (give the file with --lab-host-known-hosts)"
             )
-        if key_file is not None and not key_file.expanduser().is_file():
-            raise RemoteHostError(f"--lab-host-key {key_file}: no such file")
+        if known.is_dir():
+            raise RemoteHostError(
+                f"--lab-host-known-hosts {known} is a directory, not a known_hosts file"
+            )
+        if key_file is not None:
+            check_key_file(key_file.expanduser())
 
         client = paramiko.SSHClient()
-        client.load_host_keys(str(known))
+        try:
+            client.load_host_keys(str(known))
+        except OSError as err:
+            raise RemoteHostError(
+                f"cannot read the known_hosts file {known}: {err.strerror or err}"
+            ) from err
         policy = _RejectUnknown()
         client.set_missing_host_key_policy(policy)
         started = time.monotonic()
@@ -330,7 +375,22 @@ class RemoteHost:
                 f"{address} refused the login as {address.user} with {which}: {err}"
             ) from err
         except paramiko.SSHException as err:
+            transport = client.get_transport()
+            no_banner = transport is not None and not transport.remote_version
             client.close()
+            if policy.refused is None and no_banner:
+                raise RemoteHostError(
+                    f"no SSH server answered on {address.host} port "
+                    f"{address.port}: it took the TCP connection but sent no "
+                    f"SSH banner in {CONNECT_TIMEOUT:.0f} s (is that the SSH "
+                    "port?)"
+                ) from err
+            if "No authentication methods available" in str(err):
+                raise RemoteHostError(
+                    f"SSH to {address} failed: no key to log in with: give "
+                    "--lab-host-key or load a key into ssh-agent "
+                    f"(the lab also tries ~/.ssh/id_*): {err}"
+                ) from err
             if policy.refused is not None:
                 key = policy.refused
                 raise RemoteHostError(
