@@ -29,7 +29,7 @@ from pexpect.spawnbase import SpawnBase
 from lab import qemu
 from lab.arches import Arch
 from lab.console import BootedGuest, Timeouts
-from lab.errors import LabError, ToolMissing
+from lab.errors import LabError, ToolMissing, tail_of
 from lab.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,10 @@ class RemoteHostError(LabError):
     """The --lab-host cannot be reached, logged in to or used."""
 
     phase = "remote"
+
+
+class ConnectionLost(RemoteHostError):
+    """The SSH connection to the --lab-host dropped while QEMU ran there."""
 
 
 @dataclass(frozen=True)
@@ -195,10 +199,18 @@ class ChannelSpawn(SpawnBase):
     """A pexpect spawn over the SSH channel of a remote QEMU's console."""
 
     def __init__(
-        self, channel: paramiko.Channel, pid_file: str, stop: Callable[[str], None]
+        self,
+        channel: paramiko.Channel,
+        pid_file: str,
+        stop: Callable[[str], None],
+        host_name: str = "the lab host",
     ) -> None:
         super().__init__(timeout=None, maxread=65536)
         self.channel = channel
+        self.host_name = host_name
+        # Where the guest's console is logged, for the error of a lost
+        # connection (RemoteGuest sets it).
+        self.console_log: Path | None = None
         # On the remote host: QEMU's pid, for stop() to kill it.
         self.pid_file = pid_file
         self._stop = stop
@@ -220,6 +232,13 @@ class ChannelSpawn(SpawnBase):
         data = self.channel.recv(size)
         if not data:
             self.flag_eof = True
+            if self.connection_lost():
+                raise ConnectionLost(
+                    f"lost the SSH connection to {self.host_name} (QEMU there "
+                    "ends with it)",
+                    self.console_log,
+                    tail_of(self.console_log) if self.console_log else "",
+                )
             raise EOF("End of file: the remote QEMU closed its console.")
         text = self._decoder.decode(data, final=False)
         self._log(text, "read")
@@ -233,6 +252,20 @@ class ChannelSpawn(SpawnBase):
 
     def sendline(self, s: Any = "") -> int:
         return self.send(self._coerce_send_string(s) + self.linesep)
+
+    def connection_lost(self) -> bool:
+        """Did the channel close without an exit status, its connection gone?
+        (sshd always reports the status of a command that ended; paramiko
+        leaves -1 when none came, and closing sets its status_event too.)"""
+        if not self.channel.closed or self.channel.exit_status != -1:
+            return False
+        # paramiko closes the channels just before it marks the transport
+        # inactive: give it a moment.
+        transport = self.channel.get_transport()
+        deadline = time.monotonic() + 1.0
+        while transport.is_active() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not transport.is_active()
 
     def isalive(self) -> bool:
         return not self.closed and not self._exited()
@@ -285,7 +318,20 @@ class RemoteGuest(BootedGuest):
         self.host = host
 
     def _spawn(self) -> ChannelSpawn:
-        return self.host.start_qemu(self.argv)
+        console = self.host.start_qemu(self.argv)
+        console.console_log = self.console_log
+        return console
+
+    def _require_alive(self) -> None:
+        # A connection lost between two commands: not "QEMU exited".
+        if isinstance(self.child, ChannelSpawn) and self.child.connection_lost():
+            raise ConnectionLost(
+                f"lost the SSH connection to {self.host.name} (QEMU there "
+                "ends with it)",
+                self.console_log,
+                tail_of(self.console_log),
+            )
+        super()._require_alive()
 
 
 class RemoteHost:
@@ -564,7 +610,7 @@ class RemoteHost:
             channel.exec_command(command)
         except (paramiko.SSHException, OSError) as err:
             raise RemoteHostError(f"cannot start QEMU on {self.name}: {err}") from err
-        console = ChannelSpawn(channel, pid_file, self.stop_qemu)
+        console = ChannelSpawn(channel, pid_file, self.stop_qemu, self.name)
         self._consoles.append(console)
         return console
 
@@ -584,6 +630,18 @@ class RemoteHost:
             except (paramiko.SSHException, OSError) as err:
                 log.warning("remote %s: closing a console: %s", self.name, err)
         self._consoles.clear()
+        transport = self.client.get_transport()
+        if self.remote_dir is not None and (
+            transport is None or not transport.is_active()
+        ):
+            log.warning(
+                "remote %s: the SSH connection is gone, so %s was left on that "
+                "host; remove it by hand (rm -rf %s)",
+                self.name,
+                self.remote_dir,
+                self.remote_dir,
+            )
+            self.remote_dir = None
         if self.remote_dir is not None and REMOTE_DIR_RE.match(self.remote_dir):
             try:
                 status, _, stderr = self.run(["rm", "-rf", "--", self.remote_dir])

@@ -5,11 +5,13 @@ in tests/lab/test_remote_host.py."""
 from __future__ import annotations
 
 import io
+import logging
 import socket
 import threading
 from pathlib import Path
 
 import paramiko
+import pexpect
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -19,6 +21,8 @@ from lab.arches import X86_64
 from lab.progress import quiet
 from lab.qemu import qemu_argv
 from lab.remote import (
+    ChannelSpawn,
+    ConnectionLost,
     HostAddress,
     RemoteHost,
     RemoteHostError,
@@ -260,3 +264,127 @@ def test_a_port_without_ssh_banner_says_no_ssh_server_answered(
         f"no SSH server answered on 127.0.0.1 port {port}"
     )
     assert "SSH banner" in caught.value.message
+
+
+# -- a connection lost while QEMU runs ---------------------------------------
+
+
+class FakeTransport:
+    def __init__(self, active: bool) -> None:
+        self.active = active
+
+    def is_active(self) -> bool:
+        return self.active
+
+
+class FakeChannel:
+    """A paramiko channel after its connection dropped (or QEMU exited)."""
+
+    def __init__(self, exit_status: int | None, transport_active: bool) -> None:
+        self.closed = True
+        self.eof_received = True
+        # paramiko sets status_event on close, exit status or not; -1
+        # stays when none came.
+        self.status_event = threading.Event()
+        self.status_event.set()
+        self.exit_status = -1 if exit_status is None else exit_status
+        self.transport = FakeTransport(transport_active)
+
+    def fileno(self) -> int:
+        return -1
+
+    def get_id(self) -> int:
+        return 0
+
+    def get_transport(self) -> FakeTransport:
+        return self.transport
+
+    def recv_ready(self) -> bool:
+        return False
+
+    def recv(self, size: int) -> bytes:
+        return b""
+
+    def exit_status_ready(self) -> bool:
+        return True
+
+    def recv_exit_status(self) -> int:
+        return self.exit_status
+
+
+def console_of(channel: FakeChannel, tmp_path: Path) -> ChannelSpawn:
+    spawn = ChannelSpawn(
+        channel,  # type: ignore[arg-type]
+        "/tmp/kernel-lab.abcdefgh/qemu.1.pid",
+        lambda pid_file: None,
+        "root@lab-1:22",
+    )
+    spawn.console_log = tmp_path / "console.log"
+    spawn.console_log.write_text("lab-init: READY\n")
+    return spawn
+
+
+def test_dropped_connection_is_reported_as_lost_not_as_qemu_exit(
+    tmp_path: Path,
+) -> None:
+    console = console_of(FakeChannel(None, transport_active=False), tmp_path)
+
+    with pytest.raises(ConnectionLost) as caught:
+        console.expect(pexpect.EOF, timeout=1)
+
+    assert caught.value.message == (
+        "lost the SSH connection to root@lab-1:22 (QEMU there ends with it)"
+    )
+    assert caught.value.log == tmp_path / "console.log"
+    assert "READY" in caught.value.tail
+    assert not console.isalive()
+
+
+def test_qemu_exit_there_is_still_end_of_file(tmp_path: Path) -> None:
+    console = console_of(FakeChannel(1, transport_active=True), tmp_path)
+
+    console.expect(pexpect.EOF, timeout=1)
+
+    assert not console.isalive()
+    assert console.exitstatus == 1
+
+
+class FakeClient:
+    def __init__(self) -> None:
+        self.transport = FakeTransport(active=False)
+        self.commands: list[str] = []
+        self.closed = False
+
+    def get_transport(self) -> FakeTransport:
+        return self.transport
+
+    def exec_command(self, command: str, timeout: float) -> None:
+        self.commands.append(command)
+        raise paramiko.SSHException("SSH session not active")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_close_after_a_lost_connection_names_the_directory_left_there(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = FakeClient()
+    host = RemoteHost(
+        HostAddress("root", "lab-1"),
+        client,  # type: ignore[arg-type]
+        quiet(),
+    )
+    host.remote_dir = "/tmp/kernel-lab.abcdefgh"
+
+    with caplog.at_level(logging.WARNING, logger="lab.remote"):
+        host.close()
+
+    warnings = [r.getMessage() for r in caplog.records]
+    assert any(
+        "/tmp/kernel-lab.abcdefgh was left on that host" in w
+        and "remove it by hand" in w
+        for w in warnings
+    ), warnings
+    assert client.commands == [], "tried to run rm over a closed connection"
+    assert client.closed
