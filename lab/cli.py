@@ -334,6 +334,17 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args, rest = parser.parse_known_args(argv)
+        if getattr(args, "lab_host", "") is None:
+            given = [
+                f"--{name.replace('_', '-')}"
+                for name in ("lab_host_key", "lab_host_known_hosts")
+                if getattr(args, name)
+            ]
+            if given:
+                parser.error(
+                    f"{' and '.join(given)} without --lab-host: they are for "
+                    "logging in to a --lab-host"
+                )
     except SystemExit as stop:
         # argparse exits 2 on a usage error, which git bisect run takes for
         # "bad": a mistake in a bisect step's options must stop the bisect.

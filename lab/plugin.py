@@ -158,6 +158,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _lab_host(config: pytest.Config) -> HostAddress | None:
     text = config.getoption("--lab-host")
     if text is None:
+        given = [
+            name
+            for name in ("--lab-host-key", "--lab-host-known-hosts")
+            if config.getoption(name)
+        ]
+        if given:
+            raise pytest.UsageError(
+                f"{' and '.join(given)} without --lab-host: they are for "
+                "logging in to a --lab-host (QEMU runs here otherwise)"
+            )
         return None
     try:
         address = HostAddress.parse(text)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import logging
 import re
 import select
@@ -28,7 +29,7 @@ from pexpect.spawnbase import SpawnBase
 from lab import qemu
 from lab.arches import Arch
 from lab.console import BootedGuest, Timeouts
-from lab.errors import LabError, ToolMissing
+from lab.errors import LabError, ToolMissing, tail_of
 from lab.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,10 @@ class RemoteHostError(LabError):
     """The --lab-host cannot be reached, logged in to or used."""
 
     phase = "remote"
+
+
+class ConnectionLost(RemoteHostError):
+    """The SSH connection to the --lab-host dropped while QEMU ran there."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,41 @@ def lab_host_args(
     if known_hosts is not None:
         args.append(f"--lab-host-known-hosts={known_hosts}")
     return args
+
+
+def check_key_file(path: Path) -> None:
+    """Raises RemoteHostError unless path is a readable private key without
+    a passphrase, saying what is wrong with it."""
+    if path.is_dir():
+        raise RemoteHostError(
+            f"--lab-host-key {path} is a directory, not a private key file"
+        )
+    if not path.exists():
+        raise RemoteHostError(f"--lab-host-key {path}: no such file")
+    try:
+        text = path.read_bytes().decode(errors="replace")
+    except OSError as err:
+        raise RemoteHostError(
+            f"cannot read the --lab-host-key {path}: {err.strerror or err}"
+        ) from err
+    for kind in (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey):
+        try:
+            kind.from_private_key(io.StringIO(text))
+        except paramiko.PasswordRequiredException as err:
+            raise RemoteHostError(
+                f"--lab-host-key {path} is encrypted with a passphrase, which "
+                "the lab cannot ask for: use a key without one, or load it "
+                f"into ssh-agent (ssh-add {path}) and leave out --lab-host-key "
+                "(the lab then uses the agent's keys)"
+            ) from err
+        except (paramiko.SSHException, ValueError, TypeError):
+            continue
+        return
+    hint = " (that is the public key)" if path.suffix == ".pub" else ""
+    raise RemoteHostError(
+        f"--lab-host-key {path} is not a private key (OpenSSH or PEM: "
+        f"Ed25519, ECDSA or RSA){hint}"
+    )
 
 
 def fingerprint(key: paramiko.PKey) -> str:
@@ -159,10 +199,18 @@ class ChannelSpawn(SpawnBase):
     """A pexpect spawn over the SSH channel of a remote QEMU's console."""
 
     def __init__(
-        self, channel: paramiko.Channel, pid_file: str, stop: Callable[[str], None]
+        self,
+        channel: paramiko.Channel,
+        pid_file: str,
+        stop: Callable[[str], None],
+        host_name: str = "the lab host",
     ) -> None:
         super().__init__(timeout=None, maxread=65536)
         self.channel = channel
+        self.host_name = host_name
+        # Where the guest's console is logged, for the error of a lost
+        # connection (RemoteGuest sets it).
+        self.console_log: Path | None = None
         # On the remote host: QEMU's pid, for stop() to kill it.
         self.pid_file = pid_file
         self._stop = stop
@@ -184,6 +232,13 @@ class ChannelSpawn(SpawnBase):
         data = self.channel.recv(size)
         if not data:
             self.flag_eof = True
+            if self.connection_lost():
+                raise ConnectionLost(
+                    f"lost the SSH connection to {self.host_name} (QEMU there "
+                    "ends with it)",
+                    self.console_log,
+                    tail_of(self.console_log) if self.console_log else "",
+                )
             raise EOF("End of file: the remote QEMU closed its console.")
         text = self._decoder.decode(data, final=False)
         self._log(text, "read")
@@ -197,6 +252,20 @@ class ChannelSpawn(SpawnBase):
 
     def sendline(self, s: Any = "") -> int:
         return self.send(self._coerce_send_string(s) + self.linesep)
+
+    def connection_lost(self) -> bool:
+        """Did the channel close without an exit status, its connection gone?
+        (sshd always reports the status of a command that ended; paramiko
+        leaves -1 when none came, and closing sets its status_event too.)"""
+        if not self.channel.closed or self.channel.exit_status != -1:
+            return False
+        # paramiko closes the channels just before it marks the transport
+        # inactive: give it a moment.
+        transport = self.channel.get_transport()
+        deadline = time.monotonic() + 1.0
+        while transport.is_active() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return not transport.is_active()
 
     def isalive(self) -> bool:
         return not self.closed and not self._exited()
@@ -249,7 +318,20 @@ class RemoteGuest(BootedGuest):
         self.host = host
 
     def _spawn(self) -> ChannelSpawn:
-        return self.host.start_qemu(self.argv)
+        console = self.host.start_qemu(self.argv)
+        console.console_log = self.console_log
+        return console
+
+    def _require_alive(self) -> None:
+        # A connection lost between two commands: not "QEMU exited".
+        if isinstance(self.child, ChannelSpawn) and self.child.connection_lost():
+            raise ConnectionLost(
+                f"lost the SSH connection to {self.host.name} (QEMU there "
+                "ends with it)",
+                self.console_log,
+                tail_of(self.console_log),
+            )
+        super()._require_alive()
 
 
 class RemoteHost:
@@ -292,11 +374,20 @@ class RemoteHost:
                 f"cannot check the host key of {address}: {known} does not "
                 "exist (give the file with --lab-host-known-hosts)"
             )
-        if key_file is not None and not key_file.expanduser().is_file():
-            raise RemoteHostError(f"--lab-host-key {key_file}: no such file")
+        if known.is_dir():
+            raise RemoteHostError(
+                f"--lab-host-known-hosts {known} is a directory, not a known_hosts file"
+            )
+        if key_file is not None:
+            check_key_file(key_file.expanduser())
 
         client = paramiko.SSHClient()
-        client.load_host_keys(str(known))
+        try:
+            client.load_host_keys(str(known))
+        except OSError as err:
+            raise RemoteHostError(
+                f"cannot read the known_hosts file {known}: {err.strerror or err}"
+            ) from err
         policy = _RejectUnknown()
         client.set_missing_host_key_policy(policy)
         started = time.monotonic()
@@ -330,7 +421,22 @@ class RemoteHost:
                 f"{address} refused the login as {address.user} with {which}: {err}"
             ) from err
         except paramiko.SSHException as err:
+            transport = client.get_transport()
+            no_banner = transport is not None and not transport.remote_version
             client.close()
+            if policy.refused is None and no_banner:
+                raise RemoteHostError(
+                    f"no SSH server answered on {address.host} port "
+                    f"{address.port}: it took the TCP connection but sent no "
+                    f"SSH banner in {CONNECT_TIMEOUT:.0f} s (is that the SSH "
+                    "port?)"
+                ) from err
+            if "No authentication methods available" in str(err):
+                raise RemoteHostError(
+                    f"SSH to {address} failed: no key to log in with: give "
+                    "--lab-host-key or load a key into ssh-agent "
+                    f"(the lab also tries ~/.ssh/id_*): {err}"
+                ) from err
             if policy.refused is not None:
                 key = policy.refused
                 raise RemoteHostError(
@@ -504,7 +610,7 @@ class RemoteHost:
             channel.exec_command(command)
         except (paramiko.SSHException, OSError) as err:
             raise RemoteHostError(f"cannot start QEMU on {self.name}: {err}") from err
-        console = ChannelSpawn(channel, pid_file, self.stop_qemu)
+        console = ChannelSpawn(channel, pid_file, self.stop_qemu, self.name)
         self._consoles.append(console)
         return console
 
@@ -524,6 +630,18 @@ class RemoteHost:
             except (paramiko.SSHException, OSError) as err:
                 log.warning("remote %s: closing a console: %s", self.name, err)
         self._consoles.clear()
+        transport = self.client.get_transport()
+        if self.remote_dir is not None and (
+            transport is None or not transport.is_active()
+        ):
+            log.warning(
+                "remote %s: the SSH connection is gone, so %s was left on that "
+                "host; remove it by hand (rm -rf %s)",
+                self.name,
+                self.remote_dir,
+                self.remote_dir,
+            )
+            self.remote_dir = None
         if self.remote_dir is not None and REMOTE_DIR_RE.match(self.remote_dir):
             try:
                 status, _, stderr = self.run(["rm", "-rf", "--", self.remote_dir])

@@ -14,9 +14,11 @@ checks (and, as tests of the lab itself, not in a bisect step).
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -311,6 +313,45 @@ def test_remote_qemu_ends_when_the_connection_drops(
     assert Path(workdir).is_dir()
     shutil.rmtree(workdir)
     assert left == [], f"still running after the connection dropped: {left}"
+
+
+def test_lost_connection_is_reported_as_lost_and_the_directory_named(
+    lab_run: LabRun,
+    sshd: LocalSshd,
+    lab_arch: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The sshd session of the run killed (the connection drops): the next
+    command says the SSH connection was lost, not that QEMU exited, and
+    closing the run names the directory left there."""
+    before = set(children_of(sshd.process.pid))
+    run = remote_lab_run(lab_run, sshd, "lost")
+    try:
+        booted = run.guest(lab_arch)
+        workdir = remote_host(run).remote_dir
+        assert workdir is not None and processes_in(workdir)
+        sessions = set(children_of(sshd.process.pid)) - before
+        assert sessions, "no sshd session process for the run's connection"
+        for pid in sessions:
+            os.kill(pid, signal.SIGKILL)
+
+        with pytest.raises(RemoteHostError) as caught:
+            booted.command("write", "/dev/null")
+    finally:
+        with caplog.at_level(logging.WARNING, logger="lab.remote"):
+            run.close(kill=True)
+    left = wait_until_gone(workdir)
+
+    assert caught.value.message == (
+        f"lost the SSH connection to {sshd.address} (QEMU there ends with it)"
+    )
+    assert any(
+        f"{workdir} was left on that host" in record.getMessage()
+        for record in caplog.records
+    ), [record.getMessage() for record in caplog.records]
+    assert Path(workdir).is_dir()
+    shutil.rmtree(workdir)
+    assert left == [], f"still running after the connection was lost: {left}"
 
 
 def test_killed_remote_qemu_is_reported_as_qemu_exit(

@@ -34,3 +34,24 @@ def test_build_usage_error_keeps_argparse_status() -> None:
         main(["build", "--jobs", "many"])
 
     assert stop.value.code == 2
+
+
+@pytest.mark.parametrize("option", ["--lab-host-key", "--lab-host-known-hosts"])
+def test_bisect_login_option_without_lab_host_stops_the_bisect(
+    capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    code = main(["bisect", f"{option}=/some/file"])
+
+    assert code == ABORT
+    assert f"{option} without --lab-host" in capsys.readouterr().err
+
+
+def test_doctor_login_option_without_lab_host_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Not silently a doctor of this host only.
+    with pytest.raises(SystemExit) as stop:
+        main(["doctor", "--lab-host-key=/some/file"])
+
+    assert stop.value.code == 2
+    assert "--lab-host-key without --lab-host" in capsys.readouterr().err

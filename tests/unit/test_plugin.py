@@ -167,6 +167,16 @@ def test_lab_host_needs_the_qemu_launcher(pytester: pytest.Pytester) -> None:
     result.stderr.fnmatch_lines(["*--lab-host*needs --lab-launcher qemu*"])
 
 
+@pytest.mark.parametrize("option", ["--lab-host-key", "--lab-host-known-hosts"])
+def test_lab_host_login_option_without_lab_host_is_a_usage_error(
+    pytester: pytest.Pytester, option: str
+) -> None:
+    result = run(pytester, f"{option}=/some/file")
+
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{option} without --lab-host*"])
+
+
 def test_ssh_transport_under_vng_is_a_usage_error(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_sandbox=ARCH_TEST)
 
