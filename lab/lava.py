@@ -431,7 +431,7 @@ def run_lava(
             raise LavaError(
                 f"lava-run did not end in {timeout:.0f} s",
                 log_path,
-                log_tail(log_path),
+                log_tail(log_path) or tail_of(log_path),
             ) from None
         except BaseException:  # Ctrl-C: let lava-run clean up, then stop
             stop_process(proc)

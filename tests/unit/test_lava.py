@@ -561,3 +561,14 @@ def test_a_lava_run_that_ignores_sigint_is_killed_after_the_grace(
 
     assert 1.0 <= time.monotonic() - started < 10
     assert not done.exists()
+
+
+def test_a_lava_run_over_its_time_is_stopped_with_its_cleanup(
+    tmp_path: Path, job_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    done = _fake_lava_run(tmp_path, monkeypatch, "cleanup", cleanup=0.5)
+
+    with pytest.raises(lava.LavaError, match="did not end in 2 s"):
+        lava.run_lava(job_dir, tmp_path / "out", Progress(), timeout=2)
+
+    assert done.read_text() == "cleaned up"
