@@ -17,6 +17,7 @@ import platform
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lab.arches import ARCHES, Arch, UnknownArch, get_arch
 from lab.bisect import ABORT
@@ -26,6 +27,9 @@ from lab.kbuild import DEFAULT_TARBALL, KernelSource, build_kernel, resolve_sour
 from lab.progress import Progress
 from lab.qemu import LOCAL_HOST, QemuHost
 from lab.remote import HostAddress, RemoteHost, lab_host_args
+
+if TYPE_CHECKING:
+    from lab.lava import LavaResults
 
 LAB_TESTS = Path(__file__).resolve().parent.parent / "tests"
 
@@ -198,6 +202,12 @@ def cmd_bisect(args: argparse.Namespace, rest: list[str]) -> int:
     return code
 
 
+def _nonempty_path(text: str) -> Path:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return Path(text)
+
+
 def cmd_lava_job(args: argparse.Namespace) -> int:
     """Build (or find) kernel and guest programs, write the LAVA job."""
     from lab import lava
@@ -205,12 +215,20 @@ def cmd_lava_job(args: argparse.Namespace) -> int:
     from lab.plan import build_plan
 
     arch = get_arch(args.arch)
-    cache = LabCache(args.lab_cache)
+    # Bad options before the build: minutes, on a cold cache.
+    lava.check_url_base(args.url_base)
+    output = (args.output or Path(f"lava-{arch.name}")).resolve()
+    lava.output_dir(output, "the job")
+    try:
+        cache = LabCache(args.lab_cache)
+    except OSError as err:
+        raise LabError(
+            f"cannot use the lab cache {args.lab_cache}: {err.strerror}"
+        ) from None
     progress = Progress()
     kernel = build_kernel(arch, _source(args), cache, progress, jobs=args.jobs)
     bundle = build_guest(arch, cache, progress)
     plan = build_plan(arch, kernel)
-    output = (args.output or Path(f"lava-{arch.name}")).resolve()
     job = lava.export_job(arch, kernel, bundle, plan, output, args.url_base)
     cases = sum(len(s.cases()) for s in plan.scenarios)
     print(
@@ -236,15 +254,21 @@ def cmd_lava_run(args: argparse.Namespace) -> int:
         return 2
     out = (args.output or job_dir / "lava-out").resolve()
     expected = lava.expected_cases(job_dir)
+    # Everything that would fail after the run, before it: no local
+    # images (--url-base: lava-run would download them), unwritable paths.
+    lava.check_local_images(job_dir)
+    lava.output_dir(out, "lava-run's output")
+    junit = lava.output_file(args.junit or out / "junit.xml", "the JUnit XML")
     log_path = lava.run_lava(job_dir, out, Progress())
-    return _report_lava(log_path, args.junit or out / "junit.xml", expected)
+    return _report_lava(log_path, junit, expected)
 
 
 def cmd_lava_results(args: argparse.Namespace) -> int:
     from lab import lava
 
     expected = lava.expected_cases(args.job) if args.job else None
-    return _report_lava(args.log, args.junit, expected)
+    junit = lava.output_file(args.junit, "the JUnit XML") if args.junit else None
+    return _report_lava(args.log, junit, expected)
 
 
 def _report_lava(
@@ -257,16 +281,33 @@ def _report_lava(
         print(f"{case.result:5} {case.scenario}/{case.case}")
     problems = results.problems(expected)
     print(
-        f"LAVA job: {results.job_result or 'no verdict'}; "
-        f"{sum(c.result == 'pass' for c in results.cases)} of "
-        f"{len(results.cases)} test cases passed (log: {log_path})"
+        f"LAVA job: {'fail' if problems else 'pass'}; {_lava_count(results, expected)}"
     )
     for problem in problems:
         print(f"  {problem}")
+    if results.failed():
+        # Why: the end of the target's console and LAVA's errors.
+        tail = lava.log_tail(log_path)
+        print(f"LAVA log: {log_path}" + ("; its last lines:" if tail else ""))
+        for line in tail.splitlines():
+            print(f"  | {line}")
+    else:
+        print(f"LAVA log: {log_path}")
     if junit is not None:
-        junit.write_text(lava.junit_xml(results))
+        lava.write_output(junit, lava.junit_xml(results), "the JUnit XML")
         print(f"JUnit XML: {junit}")
     return 1 if problems else 0
+
+
+def _lava_count(results: LavaResults, expected: set[tuple[str, str]] | None) -> str:
+    """How many cases passed: of the expected ones when they are known."""
+    if expected is None:
+        passed = sum(c.result == "pass" for c in results.cases)
+        return f"{passed} of {len(results.cases)} test cases passed"
+    passed = sum(c.result == "pass" and c.key in expected for c in results.cases)
+    missing = len(expected - {c.key for c in results.cases})
+    text = f"{passed} of {len(expected)} expected test cases passed"
+    return text + (f", {missing} missing" if missing else "")
 
 
 def cmd_test(args: argparse.Namespace, rest: list[str]) -> int:
@@ -307,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     job.add_argument("--arch", default="x86_64")
     job.add_argument("--jobs", type=int, default=None)
     job.add_argument(
-        "--output", type=Path, default=None, help="job directory (default: lava-ARCH)"
+        "--output",
+        type=_nonempty_path,
+        default=None,
+        help="job directory (default: lava-ARCH)",
     )
     job.add_argument(
         "--url-base",
@@ -319,12 +363,12 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("lava-run", help="run an exported job here with lava-run")
     run.add_argument("job_dir", type=Path)
     run.add_argument(
-        "--output", type=Path, default=None, help="default: JOB_DIR/lava-out"
+        "--output", type=_nonempty_path, default=None, help="default: JOB_DIR/lava-out"
     )
-    run.add_argument("--junit", type=Path, default=None)
+    run.add_argument("--junit", type=_nonempty_path, default=None)
     res = sub.add_parser("lava-results", help="read a LAVA log back into JUnit XML")
     res.add_argument("log", type=Path, help="lava-run's log, or a job's output.yaml")
-    res.add_argument("--junit", type=Path, default=None)
+    res.add_argument("--junit", type=_nonempty_path, default=None)
     res.add_argument(
         "--job",
         type=Path,

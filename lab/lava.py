@@ -15,11 +15,13 @@ import os
 import secrets
 import shlex
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import yaml
 from junit_xml import TestCase, TestSuite, to_xml_report_string
@@ -51,6 +53,13 @@ MONITOR_FIXUP = {"ok": "pass", "not ok": "fail"}
 JOB_MINUTES = 10
 BOOT_MINUTES = 3
 TEST_MINUTES = 5
+# Seconds lava-run gets to clean up after SIGINT (Ctrl-C, a timeout)
+# before it is killed: it removes its work directory then.
+STOP_GRACE = 20.0
+# What the log tail of a failed job shows: the target's console and
+# LAVA's errors, decoded from LAVA's YAML lines.
+TAIL_LEVELS = ("target", "error", "exception", "feedback")
+TAIL_LINES = 15
 
 
 class LavaError(LabError):
@@ -236,7 +245,24 @@ def export_job(
     url_base: str | None = None,
 ) -> LavaJob:
     """Write the job directory: kernel, ramdisk, plan, job and device."""
-    output.mkdir(parents=True, exist_ok=True)
+    check_url_base(url_base)
+    output_dir(output, "the job")
+    try:
+        return _write_job(arch, kernel, bundle, plan, output, url_base)
+    except OSError as err:
+        raise LavaError(
+            f"cannot write the job to {output}: {err.strerror or err}"
+        ) from None
+
+
+def _write_job(
+    arch: Arch,
+    kernel: KernelImage,
+    bundle: GuestBundle,
+    plan: Plan,
+    output: Path,
+    url_base: str | None,
+) -> LavaJob:
     kernel_file = output / kernel.image.name
     shutil.copyfile(kernel.image, kernel_file)
     plan_archive = output / "plan.cpio.gz"
@@ -256,6 +282,84 @@ def export_job(
     device = output / DEVICE_FILE
     device.write_text(_yaml(device_dictionary(arch)))
     return LavaJob(output, job, device, kernel_file, ramdisk, plan)
+
+
+def check_url_base(url_base: str | None) -> None:
+    """A LAVA worker downloads the images over HTTP(S) from url_base."""
+    if url_base is None:
+        return
+    url = urlparse(url_base)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        raise LavaError(
+            f"--url-base {url_base!r} is not an http:// or https:// URL "
+            "(where a LAVA worker downloads the job's images)"
+        )
+
+
+def output_dir(path: Path, what: str) -> Path:
+    """Make the directory `what` is written to, or say why it cannot be."""
+    if path.exists() and not path.is_dir():
+        raise LavaError(f"cannot write {what} to {path}: not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LavaError(f"cannot write {what} to {path}: {err.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LavaError(f"cannot write {what} to {path}: permission denied")
+    return path
+
+
+def output_file(path: Path, what: str) -> Path:
+    """Check that `what` can be written to path (a file), before the work
+    that makes it; a file that was not there is not left behind."""
+    if path.is_dir():
+        raise LavaError(f"cannot write {what} to {path}: it is a directory")
+    existed = path.exists()
+    try:
+        with path.open("ab"):
+            pass
+    except OSError as err:
+        raise LavaError(f"cannot write {what} to {path}: {err.strerror}") from None
+    if not existed:
+        path.unlink(missing_ok=True)
+    return path
+
+
+def write_output(path: Path, text: str, what: str) -> None:
+    try:
+        path.write_text(text)
+    except OSError as err:
+        raise LavaError(f"cannot write {what} to {path}: {err.strerror}") from None
+
+
+def check_local_images(job_dir: Path) -> None:
+    """lava-run here must read the job's images from JOB_DIR: a job
+    exported with --url-base would download them (network), and a job dir
+    copied elsewhere still names the original directory's files."""
+    path = job_dir / JOB_FILE
+    try:
+        job = yaml.safe_load(path.read_text())
+        images = job["actions"][0]["deploy"]["images"]
+        urls = {name: str(image["url"]) for name, image in images.items()}
+    except (OSError, yaml.YAMLError, KeyError, IndexError, TypeError) as err:
+        raise LavaError(f"cannot read the job's images from {path}: {err}") from None
+    for name, url in urls.items():
+        parsed = urlparse(url)
+        if parsed.scheme != "file":
+            raise LavaError(
+                f"the job's {name} is {url}, not a file here: the job was "
+                "exported with --url-base for a LAVA instance and lava-run "
+                "would download it. Submit it to that instance (lavacli jobs "
+                "submit), or export it again without --url-base to run it here"
+            )
+        image = Path(unquote(parsed.path))
+        inside = job_dir / image.name
+        if image.resolve() != inside.resolve() or not inside.is_file():
+            raise LavaError(
+                f"the job's {name} is {image}, not {inside}: the job names "
+                "the images of the directory it was exported to. Export it "
+                f"again into this directory (lab lava-job --output {job_dir})"
+            )
 
 
 def expected_cases(job_dir: Path) -> set[tuple[str, str]]:
@@ -300,32 +404,59 @@ def run_lava(
 ) -> Path:
     """Run the job with lava-run here; its log (LAVA's YAML lines) goes to
     out/lava.log, which is returned. lava-run must run as root."""
+    check_local_images(job_dir)
     if shutil.which(LAVA_RUN) is None:
         raise ToolMissing(
             "lava-run not found; install it: apt-get install lava-dispatcher"
         )
     if os.geteuid() != 0:
         raise LavaError("lava-run runs jobs as root only: run this as root")
-    out.mkdir(parents=True, exist_ok=True)
+    output_dir(out, "lava-run's output")
     argv = lava_run_argv(job_dir, out, local_job_id())
     log_path = out / LAVA_LOG
     log.info("lava: %s", shlex.join(argv))
-    (out / "lava-run.cmd").write_text(shlex.join(argv) + "\n")
+    write_output(out / "lava-run.cmd", shlex.join(argv) + "\n", "the command")
     progress.phase(f"lava: running {job_dir / JOB_FILE} with lava-run")
     started = time.monotonic()
     with log_path.open("wb") as f:
+        # A session of its own: Ctrl-C reaches lab only, which then stops
+        # lava-run with one SIGINT (a second would cut its cleanup short).
+        proc = subprocess.Popen(
+            argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
-            proc = subprocess.run(
-                argv, stdout=f, stderr=subprocess.STDOUT, timeout=timeout
-            )
+            returncode = proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            stop_process(proc)
             raise LavaError(
-                f"lava-run did not end in {timeout:.0f} s", log_path, tail_of(log_path)
+                f"lava-run did not end in {timeout:.0f} s",
+                log_path,
+                log_tail(log_path) or tail_of(log_path),
             ) from None
+        except BaseException:  # Ctrl-C: let lava-run clean up, then stop
+            stop_process(proc)
+            raise
     progress.phase(
-        f"lava: lava-run exited {proc.returncode} in {time.monotonic() - started:.1f} s"
+        f"lava: lava-run exited {returncode} in {time.monotonic() - started:.1f} s"
     )
     return log_path
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float | None = None) -> None:
+    """SIGINT once (lava-run cancels the job and removes its work
+    directory), up to `grace` seconds for it to exit, then SIGKILL. A
+    second Ctrl-C while waiting kills it at once."""
+    grace = STOP_GRACE if grace is None else grace
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGINT)
+        log.info("lava: stopping lava-run (pid %d), up to %.0f s", proc.pid, grace)
+        proc.wait(grace)
+    except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        log.warning("lava: lava-run did not stop in time: killing it")
+        proc.kill()
+        proc.wait()
 
 
 @dataclass(frozen=True)
@@ -350,9 +481,22 @@ class LavaResults:
         ]
         if expected is not None:
             got = {c.key for c in self.cases}
-            out += [f"{s}/{c}: missing" for s, c in sorted(expected - got)]
+            missing = sorted(expected - got)
+            if missing and self.job_result != "pass":
+                # The job ended early: one line, not one per case.
+                n = len(missing)
+                out.append(
+                    f"{n} expected case{'s' if n != 1 else ''} not reported: "
+                    "the job ended early"
+                )
+            else:
+                out += [f"{s}/{c}: missing" for s, c in missing]
             out += [f"{s}/{c}: not in the plan" for s, c in sorted(got - expected)]
         return out
+
+    def failed(self) -> bool:
+        """The job did not complete, or one of its cases did not pass."""
+        return self.job_result != "pass" or any(c.result != "pass" for c in self.cases)
 
 
 def read_results(path: Path) -> LavaResults:
@@ -361,9 +505,17 @@ def read_results(path: Path) -> LavaResults:
     result is the case "job" of definition "lava"; LAVA's other
     definition "lava" cases (its actions) are not the plan's."""
     try:
-        text = path.read_text(errors="replace")
+        raw = path.read_bytes()
     except OSError as err:
         raise LavaError(f"cannot read the LAVA log {path}: {err.strerror}") from None
+    try:
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, 0, 1, "NUL byte")
+        text = raw.decode()
+    except UnicodeDecodeError:
+        raise LavaError(
+            f"not a LAVA log: {path} (binary, not LAVA's YAML lines)"
+        ) from None
     cases: list[CaseResult] = []
     job_result, job_error = "", ""
     for line in text.splitlines():
@@ -383,6 +535,26 @@ def read_results(path: Path) -> LavaResults:
     if not job_result and not cases:
         raise LavaError(f"no LAVA results in {path}", path, tail_of(path))
     return LavaResults(cases, job_result, job_error)
+
+
+def log_tail(path: Path, lines: int = TAIL_LINES) -> str:
+    """The last lines of the target's console and of LAVA's errors in a
+    LAVA log, decoded from its YAML lines ("" when it has none)."""
+    try:
+        text = path.read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+    out: list[str] = []
+    for line in text.splitlines():
+        entry = _log_entry(line)
+        if entry is None or entry.get("lvl") not in TAIL_LEVELS:
+            continue
+        msg = str(entry.get("msg", "")).rstrip()
+        if not msg:
+            continue
+        level = entry["lvl"]
+        out.append(msg if level == "target" else f"[lava {level}] {msg}")
+    return "\n".join(out[-lines:])
 
 
 def _log_entry(line: str) -> dict[str, Any] | None:

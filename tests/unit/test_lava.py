@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
 import subprocess
+import sys
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +23,7 @@ from lab.arches import MIPS, X86_64
 from lab.cli import main
 from lab.guest import GuestBundle
 from lab.plan import PLAN_ARG, build_plan
+from lab.progress import Progress
 
 DATA = Path(__file__).parent / "data"
 KERNEL = replace(EXPANDED_KERNEL, hook_has_attr=True)
@@ -208,9 +213,10 @@ def test_an_incomplete_job_and_missing_cases_are_problems(tmp_path: Path) -> Non
 
     problems = lava.read_results(log).problems(expected)
 
+    # The job ended early: the cases it did not reach are one line.
     assert problems == [
         "the LAVA job did not complete: lava test monitoring reached end of file",
-        "x/hook_calls: missing",
+        "1 expected case not reported: the job ended early",
     ]
 
 
@@ -267,3 +273,302 @@ def test_two_local_runs_get_their_own_job_ids() -> None:
 
     assert first != second
     assert first.startswith(f"kernel-lab-{os.getpid()}-")
+
+
+def _incomplete_log(tmp_path: Path) -> Path:
+    """lava-run's log of a job whose target stopped after two scenarios,
+    as when "wait for prompt timed out": LAVA's error and a failed job."""
+    lines = (DATA / "lava_run.log").read_text().splitlines()
+    end = next(i for i, line in enumerate(lines) if "deny_rule_refuses_mask" in line)
+    log = tmp_path / "lava.log"
+    log.write_text(
+        "\n".join(lines[:end])
+        + "\n"
+        + '{"dt": "2026-12-04T19:16:20", "lvl": "target", "msg": "Kernel panic - '
+        'not syncing: lab"}\n'
+        '{"dt": "2026-12-04T19:16:21", "lvl": "error", "msg": "wait for prompt '
+        'timed out"}\n'
+        '{"dt": "2026-12-04T19:16:21", "lvl": "debug", "msg": "not shown"}\n'
+        '{"dt": "2026-12-04T19:16:22", "lvl": "results", "msg": {"case": "job", '
+        '"definition": "lava", "result": "fail", "error_msg": "wait for prompt '
+        'timed out", "error_type": "Infrastructure"}}\n'
+    )
+    return log
+
+
+def test_an_incomplete_job_shows_the_end_of_its_log_and_no_case_list(
+    tmp_path: Path, job_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = _incomplete_log(tmp_path)
+    reported = len(lava.read_results(log).cases)
+    missing = len(lava.expected_cases(job_dir)) - reported
+
+    status = main(["lava-results", str(log), "--job", str(job_dir)])
+
+    out = capsys.readouterr().out
+    assert status == 1
+    assert f"LAVA job: fail; {reported} of 50 expected test cases passed" in out
+    assert f"{missing} expected cases not reported: the job ended early" in out
+    assert ": missing" not in out
+    assert f"LAVA log: {log}; its last lines:" in out
+    tail = out.split("its last lines:\n", 1)[1].splitlines()
+    assert tail[-2:] == [
+        "  | Kernel panic - not syncing: lab",
+        "  | [lava error] wait for prompt timed out",
+    ]
+    assert len(tail) == lava.TAIL_LINES
+    assert "not shown" not in out and '"lvl"' not in out
+
+
+def test_a_failed_case_shows_the_end_of_the_console(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "lava.log"
+    log.write_text(
+        (DATA / "lava_run.log")
+        .read_text()
+        .replace("ok 5 hook_calls", "not ok 5 hook_calls # got 0:0")
+        .replace(
+            '"definition": "untruncated_mask_in_cpuset", "extra": {"test_case_id": '
+            '"hook_calls"}, "level": "3.1", "result": "pass"',
+            '"definition": "untruncated_mask_in_cpuset", "extra": {"test_case_id": '
+            '"hook_calls"}, "level": "3.1", "result": "fail"',
+        )
+    )
+
+    assert main(["lava-results", str(log)]) == 1
+
+    out = capsys.readouterr().out
+    assert "LAVA job: fail; 49 of 50 test cases passed" in out
+    assert "untruncated_mask_in_cpuset/hook_calls: fail" in out
+    assert f"LAVA log: {log}; its last lines:" in out
+    assert out.rstrip().endswith("  | @@LAB:SCENARIO-END untruncated_mask_in_cpuset@@")
+
+
+def test_headline_counts_the_expected_cases(
+    job_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with (job_dir / lava.CASES_FILE).open("a") as f:
+        f.write("bogus/case\n")
+
+    status = main(["lava-results", str(DATA / "lava_run.log"), "--job", str(job_dir)])
+
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "LAVA job: fail; 50 of 51 expected test cases passed, 1 missing" in out
+    assert "  bogus/case: missing" in out
+
+
+def test_a_binary_file_is_not_a_lava_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(bytes(range(256)) * 4)
+
+    assert main(["lava-results", str(garbage)]) == 2
+
+    captured = capsys.readouterr()
+    assert f"not a LAVA log: {garbage}" in captured.err
+    assert "\x00" not in captured.out + captured.err
+
+
+def _no_lava_run(*args: object, **kwargs: object) -> None:
+    raise AssertionError("lava-run was started")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["lava-job", "--output", "/proc/nope"], "cannot write the job to /proc/nope"),
+        (["lava-job", "--output", "FILE"], "cannot write the job to FILE: not a dir"),
+        (
+            ["lava-job", "--output", "JOB2", "--lab-cache", "/proc/foo"],
+            "cannot use the lab cache /proc/foo",
+        ),
+        (["lava-job", "--url-base", "notaurl"], "is not an http:// or https:// URL"),
+        (
+            ["lava-results", "LOG", "--junit", "/proc/x.xml"],
+            "cannot write the JUnit XML to /proc/x.xml",
+        ),
+        (
+            ["lava-run", "JOB", "--output", "/proc/zz"],
+            "cannot write lava-run's output to /proc/zz",
+        ),
+        (
+            ["lava-run", "JOB", "--junit", "/proc/y.xml"],
+            "cannot write the JUnit XML to /proc/y.xml",
+        ),
+    ],
+)
+def test_bad_output_paths_are_one_clear_line_before_any_work(
+    argv: list[str],
+    message: str,
+    tmp_path: Path,
+    job_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    names = {
+        "FILE": str(tmp_path / "file"),
+        "JOB": str(job_dir),
+        "JOB2": str(tmp_path / "job2"),
+        "LOG": str(DATA / "lava_run.log"),
+    }
+    argv = [names.get(word, word) for word in argv]
+    message = message.replace("FILE", names["FILE"])
+    # Nothing may be built or run before the paths are known to be good.
+    monkeypatch.setattr("lab.cli.build_kernel", _no_lava_run)
+    monkeypatch.setattr(lava, "run_lava", _no_lava_run)
+
+    assert main(argv) == 2
+
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["lava-job", "lava-run", "lava-results"])
+def test_an_empty_output_path_is_refused(command: str, tmp_path: Path) -> None:
+    option = "--output" if command != "lava-results" else "--junit"
+    argv = [command, *([str(tmp_path)] if command != "lava-job" else [])]
+
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, option, ""])
+
+    assert stop.value.code == 2
+
+
+def test_a_job_for_a_lava_instance_is_not_run_here(
+    tmp_path: Path,
+    job_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Its images are URLs: lava-run would download them."""
+    kernel = replace(KERNEL, image=job_dir / "bzImage")
+    bundle = GuestBundle("x86_64", job_dir, job_dir / lava.RAMDISK_FILE)
+    lava.export_job(
+        X86_64,
+        kernel,
+        bundle,
+        build_plan(X86_64, kernel),
+        tmp_path / "remote",
+        url_base="https://files.example.org/job1",
+    )
+    monkeypatch.setattr(subprocess, "Popen", _no_lava_run)
+
+    with pytest.raises(lava.LavaError, match="exported with --url-base"):
+        lava.run_lava(tmp_path / "remote", tmp_path / "out", Progress())
+    assert main(["lava-run", str(tmp_path / "remote")]) == 2
+    assert "export it again without --url-base" in capsys.readouterr().err
+
+
+def test_url_base_must_be_http(tmp_path: Path, job_dir: Path) -> None:
+    kernel = replace(KERNEL, image=job_dir / "bzImage")
+    bundle = GuestBundle("x86_64", job_dir, job_dir / lava.RAMDISK_FILE)
+
+    with pytest.raises(lava.LavaError, match="not an http"):
+        lava.export_job(
+            X86_64, kernel, bundle, build_plan(X86_64, kernel), tmp_path / "j", "x"
+        )
+
+
+def test_a_copied_job_must_use_its_own_images(
+    tmp_path: Path, job_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(job_dir, copy)
+    (copy / "bzImage").unlink()
+    monkeypatch.setattr(subprocess, "Popen", _no_lava_run)
+
+    lava.check_local_images(job_dir)  # the original is fine
+    with pytest.raises(lava.LavaError, match=f"not {copy / 'bzImage'}"):
+        lava.run_lava(copy, tmp_path / "out", Progress())
+
+
+TRAP_SCRIPT = """
+import signal, sys, time
+done = sys.argv[1]
+def cleanup(*_):
+    time.sleep({cleanup})  # longer than subprocess.run's 0.25 s
+    open(done, "w").write("cleaned up")
+    sys.exit(3)
+signal.signal(signal.SIGINT, {handler})
+signal.signal(signal.SIGTERM, {handler})
+open(done + ".started", "w").close()
+time.sleep(60)
+"""
+
+
+def _fake_lava_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handler: str, cleanup: float
+) -> Path:
+    """lava-run stands in: a script that cleans up on SIGINT (or not)."""
+    script = tmp_path / "fake_lava_run.py"
+    script.write_text(TRAP_SCRIPT.format(handler=handler, cleanup=cleanup))
+    done = tmp_path / "done"
+    monkeypatch.setattr(
+        lava, "lava_run_argv", lambda *a: [sys.executable, str(script), str(done)]
+    )
+    monkeypatch.setattr(lava.shutil, "which", lambda name: name)
+    monkeypatch.setattr(lava.os, "geteuid", lambda: 0)
+    return done
+
+
+def _interrupt_when_started(done: Path) -> None:
+    """Ctrl-C for lab (a SIGINT to this process only) once the fake runs."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        if done.with_name("done.started").exists():
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.1, 0.1)
+
+
+def test_ctrl_c_lets_lava_run_clean_up_before_it_ends(
+    tmp_path: Path, job_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    done = _fake_lava_run(tmp_path, monkeypatch, "cleanup", cleanup=1.0)
+    _interrupt_when_started(done)
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lava.run_lava(job_dir, tmp_path / "out", Progress())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+    assert done.read_text() == "cleaned up"
+
+
+def test_a_lava_run_that_ignores_sigint_is_killed_after_the_grace(
+    tmp_path: Path, job_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    done = _fake_lava_run(tmp_path, monkeypatch, "signal.SIG_IGN", cleanup=0)
+    monkeypatch.setattr(lava, "STOP_GRACE", 1.0)
+    _interrupt_when_started(done)
+    started = time.monotonic()
+
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lava.run_lava(job_dir, tmp_path / "out", Progress())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+
+    assert 1.0 <= time.monotonic() - started < 10
+    assert not done.exists()
+
+
+def test_a_lava_run_over_its_time_is_stopped_with_its_cleanup(
+    tmp_path: Path, job_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    done = _fake_lava_run(tmp_path, monkeypatch, "cleanup", cleanup=0.5)
+
+    with pytest.raises(lava.LavaError, match="did not end in 2 s"):
+        lava.run_lava(job_dir, tmp_path / "out", Progress(), timeout=2)
+
+    assert done.read_text() == "cleaned up"
