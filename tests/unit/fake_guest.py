@@ -7,7 +7,7 @@ marker, then "<id> <verb> [args]" in, framed output out. The boot mode
     boot modes: normal, boot-panic, boot-hang, boot-exit, ready-split
     programs:   /bin/ok, /bin/lost (its first line is lost),
                 /bin/late (taken a second late), /bin/exit3, /bin/panic,
-                /bin/oops, /bin/hang, /bin/sigkill,
+                /bin/oops, /bin/hang, /bin/sigkill, /bin/stuck-tx,
                 /bin/quit, /bin/reset, /bin/warn, /bin/late-warn, /bin/trickle-panic,
                 /bin/trickle-lockup
 """
@@ -101,6 +101,13 @@ def run_program(program: str) -> int:
         return 0
     if name == "lost":
         say("KTAP version 1", "1..1", "ok 1 taken the second time")
+        return 0
+    if name == "stuck-tx":
+        # The serial port stops sending until the next interrupt: here,
+        # until the host sends something.
+        say("KTAP version 1", "1..1")
+        sys.stdin.readline()
+        say("ok 1 sent after the wake-up")
         return 0
     if name == "sigkill":
         # QEMU killed by a signal it cannot catch: no exit status.

@@ -137,6 +137,21 @@ def test_line_taken_late_is_not_run_twice(
     assert log.count("@@LAB:SEEN ") == RESENDS == 2
 
 
+def test_stalled_console_output_is_woken_by_an_empty_line(
+    guest: BootedGuest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(BootedGuest, "_nudge", 0.3)
+
+    result = guest.run("stuck-tx")
+    after = guest.run("ok")
+
+    assert (result.rc, result.output.splitlines()[-1]) == (
+        0,
+        "ok 1 sent after the wake-up",
+    )
+    assert after.rc == 0
+
+
 def test_qemu_killed_by_a_signal_says_which(guest: BootedGuest) -> None:
     with pytest.raises(GuestError) as caught:
         guest.run("sigkill")
