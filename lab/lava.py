@@ -176,7 +176,11 @@ def job_definition(
 def _qemu_extra(arch: Arch) -> list[str]:
     """QEMU options beyond the device type's: the lab's CPU and CPU count;
     no reboot, so that a panic (panic=-1) ends QEMU and the job at once."""
-    return [f"-cpu {arch.cpu_tcg}", f"-smp {arch.smp}", "-no-reboot"]
+    extra = [f"-cpu {arch.cpu_tcg}", f"-smp {arch.smp}", "-no-reboot"]
+    if arch.tcg_accel != "tcg":
+        # The machine's TCG threading, as the lab boots it (lab/arches.py).
+        extra.append(f"-accel {arch.tcg_accel}")
+    return extra
 
 
 def device_dictionary(arch: Arch) -> dict[str, Any]:

@@ -96,7 +96,7 @@ def qemu_argv(
         "-M",
         arch.machine,
         "-accel",
-        accel,
+        arch.tcg_accel if accel == "tcg" else accel,
         "-cpu",
         cpu,
         "-smp",

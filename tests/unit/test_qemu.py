@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from lab import qemu
-from lab.arches import X86_64
+from lab.arches import MIPS, X86_64
 from lab.cache import LabCache
 from lab.errors import AccelUnavailable
 from lab.progress import Progress
@@ -245,3 +245,9 @@ def test_arch_without_kvm_host_never_uses_kvm() -> None:
     reason = qemu.kvm_precondition(replace(X86_64, name="mips", kvm_host=None))
 
     assert reason is not None and "mips guest cannot use KVM" in reason
+
+
+def test_malta_runs_on_one_tcg_thread() -> None:
+    argv = qemu.qemu_argv(MIPS, IMAGE, INITRAMFS, "tcg")
+
+    assert option(argv, "-accel") == "tcg,thread=single"
