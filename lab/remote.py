@@ -247,7 +247,17 @@ class ChannelSpawn(SpawnBase):
     def send(self, s: Any) -> int:
         data = self._encoder.encode(self._coerce_send_string(s), final=False)
         self._log(data, "send")
-        self.channel.sendall(data)
+        try:
+            self.channel.sendall(data)
+        except (EOFError, OSError, paramiko.SSHException) as err:
+            # The connection went down before a read noticed it.
+            log.info("remote: sending to QEMU failed: %r", err)
+            raise ConnectionLost(
+                f"lost the SSH connection to {self.host_name} (QEMU there "
+                "ends with it)",
+                self.console_log,
+                tail_of(self.console_log) if self.console_log else "",
+            ) from err
         return len(data)
 
     def sendline(self, s: Any = "") -> int:

@@ -388,3 +388,19 @@ def test_close_after_a_lost_connection_names_the_directory_left_there(
     ), warnings
     assert client.commands == [], "tried to run rm over a closed connection"
     assert client.closed
+
+
+class DeadLinkChannel(FakeChannel):
+    """Its connection went down; no read has noticed yet."""
+
+    def sendall(self, data: bytes) -> None:
+        raise EOFError()
+
+
+def test_a_send_on_a_dropped_connection_says_the_connection_was_lost(
+    tmp_path: Path,
+) -> None:
+    console = console_of(DeadLinkChannel(None, transport_active=False), tmp_path)
+
+    with pytest.raises(ConnectionLost, match="lost the SSH connection to root@lab-1"):
+        console.sendline("7 write /dev/null")
