@@ -103,8 +103,9 @@ def command_output(raw: str, command_id: int) -> str:
     middle of a line of ours (after the begin marker, say): its lines are
     not the command's output and are taken out.
     """
-    output = raw.split(f"@@LAB:BEGIN {command_id}@@", 1)[-1]
-    return PRINTK_RE.sub("", output).removeprefix("\n")
+    # Out first, so that a begin marker the kernel split is whole again.
+    text = PRINTK_RE.sub("", raw)
+    return text.split(f"@@LAB:BEGIN {command_id}@@", 1)[-1].removeprefix("\n")
 
 
 class BootedGuest:
@@ -563,13 +564,15 @@ class ConsoleTransport:
         assert child.match is not None
         # Two ttys (the guest's and pexpect's pty) each turn \n into \r\n.
         raw = CRLF_RE.sub("\n", got.decode(errors="replace"))
+        # The end marker itself may hold a kernel message the port put in it.
+        marker = CRLF_RE.sub("\n", child.after.decode(errors="replace"))
         result = CommandResult(
             command=text,
             rc=int(child.match.group("rc")),
             output=command_output(raw, command_id),
             seconds=time.monotonic() - started,
             # All read since the last command: a WARNING may come between two.
-            warnings=patterns.find_warnings(raw),
+            warnings=patterns.find_warnings(raw + marker),
         )
         guest.warnings.extend(result.warnings)
         return result

@@ -17,12 +17,26 @@ END = rb"@@LAB:END (?P<id>\d+) rc=(?P<rc>\d+)@@"
 SSHD_EXIT_RE = re.compile(r"@@LAB:SSHD-EXIT status=(?P<status>\d+)@@")
 
 
+# A kernel message the serial port put in the middle of one of our lines:
+# the kernel prints when it likes, even between two characters of a marker
+# ("@@LAB:END 20 rc=[    2.079299] clocksource: Switched to clocksource
+# tsc" and then "0@@" on the next line, seen 2 s after an x86_64 boot).
+_PRINTK = rb"(?:\[\s*\d+\.\d+\][^\n]*\n)?"
+
+
+def _spliced(literal: bytes) -> bytes:
+    """literal as a regex that also matches it with a kernel message
+    between any two of its characters."""
+    return _PRINTK.join(re.escape(literal[i : i + 1]) for i in range(len(literal)))
+
+
 def end_of(command_id: int) -> bytes:
-    return rb"@@LAB:END " + str(command_id).encode() + rb" rc=(?P<rc>\d+)@@"
+    head = _spliced(b"@@LAB:END " + str(command_id).encode() + b" rc=")
+    return head + _PRINTK + rb"(?P<rc>\d+)" + _PRINTK + _spliced(b"@@")
 
 
 def begin_of(command_id: int) -> bytes:
-    return rb"@@LAB:BEGIN " + str(command_id).encode() + rb"@@"
+    return _spliced(b"@@LAB:BEGIN " + str(command_id).encode() + b"@@")
 
 
 # Kernel states that end the guest's usefulness: the check fails, the next

@@ -8,6 +8,7 @@ marker, then "<id> <verb> [args]" in, framed output out. The boot mode
     programs:   /bin/ok, /bin/lost (its first line is lost),
                 /bin/late (taken a second late), /bin/exit3, /bin/panic,
                 /bin/oops, /bin/hang, /bin/sigkill, /bin/stuck-tx,
+                /bin/split-end,
                 /bin/quit, /bin/reset, /bin/warn, /bin/late-warn, /bin/trickle-panic,
                 /bin/trickle-lockup
 """
@@ -102,6 +103,9 @@ def run_program(program: str) -> int:
     if name == "lost":
         say("KTAP version 1", "1..1", "ok 1 taken the second time")
         return 0
+    if name == "split-end":
+        say("KTAP version 1", "1..1", "ok 1 done")
+        return 3
     if name == "stuck-tx":
         # The serial port stops sending until the next interrupt: here,
         # until the host sends something.
@@ -146,7 +150,13 @@ def serve(command_id: str, verb: str, args: list[str]) -> None:
     else:
         say(f"lab-init: unknown command {verb}")
         rc = 1
-    say(f"@@LAB:END {command_id} rc={rc}@@")
+    if verb == "run" and args[0].endswith("/split-end"):
+        # A late kernel message lands inside the end marker.
+        sys.stdout.write(f"@@LAB:END {command_id} rc=")
+        say("[    2.079299] clocksource: Switched to clocksource tsc")
+        say(f"{rc}@@")
+    else:
+        say(f"@@LAB:END {command_id} rc={rc}@@")
     if verb == "run" and args[0].endswith("/late-warn"):
         # The kernel prints when it likes: here just after the end marker.
         say(*WARN_LINES)

@@ -152,6 +152,16 @@ def test_stalled_console_output_is_woken_by_an_empty_line(
     assert after.rc == 0
 
 
+def test_end_marker_split_by_a_kernel_message_still_ends_the_command(
+    guest: BootedGuest,
+) -> None:
+    result = guest.run("split-end", timeout=5)
+
+    assert result.rc == 3
+    assert result.output.splitlines()[-1] == "ok 1 done"
+    assert "clocksource" not in result.output
+
+
 def test_qemu_killed_by_a_signal_says_which(guest: BootedGuest) -> None:
     with pytest.raises(GuestError) as caught:
         guest.run("sigkill")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 import pytest
 
+from lab import patterns
 from lab.patterns import find_crash, find_warnings
 
 
@@ -105,3 +107,24 @@ def test_panic_line_as_it_reaches_pexpect_through_two_ttys() -> None:
         "kernel panic",
         "Kernel panic - not syncing: sysrq triggered crash",
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"@@LAB:END 20 rc=0@@",
+        b"@@LAB:END 20 rc=[    2.079299] clocksource: Switched to clocksource"
+        b" tsc\r\r\n0@@",
+        b"@@LAB:E[    2.0] x\r\nND 20 rc=0@@",
+        b"@@LAB:END 20 rc=0@[    3.1] y\r\n@",
+    ],
+)
+def test_end_marker_matches_with_a_kernel_message_inside(text: bytes) -> None:
+    found = re.search(patterns.end_of(20), text)
+
+    assert found is not None and found.group("rc") == b"0"
+
+
+def test_end_marker_of_another_command_does_not_match() -> None:
+    assert re.search(patterns.end_of(20), b"@@LAB:END 201 rc=0@@") is None
+    assert re.search(patterns.begin_of(7), b"@@LAB:BEGIN 77@@") is None
