@@ -19,25 +19,14 @@
  * One KTAP test: the mark was logged within MARK_WAIT_MS.
  */
 #include "ktap.h"
+#include "kmsg.h"
 
-#include <fcntl.h>
 #include <linux/audit.h>
 #include <linux/netlink.h>
-#include <poll.h>
-#include <stdbool.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
 #define MARK_WAIT_MS	5000
-
-static long now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 /* Send text as an AUDIT_USER_AVC message; 0 or an errno. */
 static int send_mark(const char *text)
@@ -66,31 +55,6 @@ static int send_mark(const char *text)
 	return err;
 }
 
-/* Whether a /dev/kmsg record after fd's position contains text in time. */
-static bool wait_for_text(int fd, const char *text)
-{
-	long deadline = now_ms() + MARK_WAIT_MS;
-	struct pollfd pfd = { .fd = fd, .events = POLLIN };
-	char record[2048];
-	ssize_t n;
-
-	for (;;) {
-		n = read(fd, record, sizeof(record) - 1);
-		if (n > 0) {
-			record[n] = '\0';
-			if (strstr(record, text))
-				return true;
-			continue;
-		}
-		/* EPIPE: records were overwritten under us; read on. */
-		if (n < 0 && errno != EAGAIN && errno != EPIPE)
-			return false;
-		if (now_ms() >= deadline ||
-		    poll(&pfd, 1, deadline - now_ms()) <= 0)
-			return false;
-	}
-}
-
 int main(int argc, char **argv)
 {
 	char why[128];
@@ -101,15 +65,14 @@ int main(int argc, char **argv)
 		errno = EINVAL;
 		harness_fail("usage: audit_mark TEXT");
 	}
-	kmsg = open("/dev/kmsg", O_RDONLY | O_NONBLOCK);
+	kmsg = kmsg_open_at_end();
 	if (kmsg < 0)
 		harness_fail("/dev/kmsg");
-	lseek(kmsg, 0, SEEK_END);
 
 	ktap_header(1);
 	err = send_mark(argv[1]);
 	if (!err)
-		logged = wait_for_text(kmsg, argv[1]);
+		logged = kmsg_wait_for(kmsg, argv[1], MARK_WAIT_MS);
 	ktap_diag("errno", "%s", errno_name(err));
 	snprintf(why, sizeof(why), "%s", err ? strerror(err) :
 		 "not in /dev/kmsg within 5 s (printk_ratelimit on?)");

@@ -20,13 +20,12 @@
  * missing or short file exits 2.
  */
 #include "ktap.h"
+#include "kmsg.h"
 
 #include <fcntl.h>
-#include <poll.h>
 #include <stdbool.h>
 #include <sys/stat.h>
 #include <termios.h>
-#include <time.h>
 #include <unistd.h>
 
 #define DEFAULT_LOAD	"/sys/fs/selinux/load"
@@ -57,53 +56,6 @@ static char *read_policy(const char *path, size_t *size)
 	close(fd);
 	*size = done;
 	return buf;
-}
-
-/* /dev/kmsg, positioned after the records logged so far (-1 if none). */
-static int kmsg_open_at_end(void)
-{
-	int fd = open("/dev/kmsg", O_RDONLY | O_NONBLOCK);
-
-	if (fd >= 0)
-		lseek(fd, 0, SEEK_END);
-	return fd;
-}
-
-static long now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-/* Whether a record containing text is logged within RECORD_WAIT_MS. */
-static bool wait_for_record(int fd, const char *text)
-{
-	struct pollfd pfd = { .fd = fd, .events = POLLIN };
-	long deadline = now_ms() + RECORD_WAIT_MS;
-	char record[8192];
-	ssize_t n;
-
-	if (fd < 0)
-		return false;
-	for (;;) {
-		n = read(fd, record, sizeof(record) - 1);
-		if (n > 0) {
-			record[n] = '\0';
-			if (strstr(record, text))
-				return true;
-			continue;
-		}
-		/* EPIPE: records were overwritten before we read them. */
-		if (n < 0 && errno == EPIPE)
-			continue;
-		if (n < 0 && errno != EAGAIN)
-			return false;
-		if (now_ms() >= deadline ||
-		    poll(&pfd, 1, deadline - now_ms()) <= 0)
-			return false;
-	}
 }
 
 int main(int argc, char **argv)
@@ -137,7 +89,7 @@ int main(int argc, char **argv)
 		close(fd);
 	}
 	if (written == (ssize_t)size)
-		audited = wait_for_record(kmsg, LOAD_RECORD);
+		audited = kmsg_wait_for(kmsg, LOAD_RECORD, RECORD_WAIT_MS);
 	ktap_diag("written", "%zd", written);
 	ktap_diag("errno", "%s", errno_name(err));
 	ktap_diag("load_audited", "%s", audited ? "yes" : "no");
