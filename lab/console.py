@@ -516,51 +516,42 @@ class ConsoleTransport:
         deadline = started + timeout
         begin, end = patterns.begin_of(command_id), patterns.end_of(command_id)
         child.sendline(line)
-        # lab-init prints BEGIN as soon as it reads the line. Without it
-        # for a while, the line is sent again: seen once on a loaded host,
-        # a line never reached a MIPS guest. lab-init runs an id only once.
+        # Each quiet spell of the resend interval gets a nudge. Before
+        # BEGIN, the line is sent again (up to RESENDS times): lab-init
+        # prints BEGIN as soon as it reads a line, runs an id only once, and
+        # a line once never reached a MIPS guest on a loaded host. After
+        # BEGIN, an empty line (lab-init skips it): input wakes a serial
+        # port that stopped sending mid-command (seen on MIPS Malta).
         got = b""
-        for attempt in range(RESENDS + 1):
-            last = attempt == RESENDS
-            wait = deadline - time.monotonic()
+        begun, resent = False, 0
+        while True:
+            left = deadline - time.monotonic()
             index = guest._expect(
-                [begin, end],
-                wait if last else min(guest._nudge, wait),
+                [end] if begun else [end, begin],
+                min(guest._nudge, max(0.0, left)),
                 what,
                 GuestError,
-                hang=last,
+                hang=left <= guest._nudge,
             )
             got += child.before
-            if index >= 0:
+            if index == 0:
                 break
-            log.warning(
-                "%s: no answer from lab-init in %.0f s; sending it again",
-                what,
-                guest._nudge,
-            )
-            child.sendline(line)
-        if index == 0:
-            got += child.after
-            while True:
-                # A serial port that stops sending (measured on MIPS Malta
-                # under TCG: about once in 900 commands, the guest's output
-                # stalls mid-line until the port next interrupts) is woken
-                # by input: an empty line, which lab-init skips.
-                left = deadline - time.monotonic()
-                index = guest._expect(
-                    [end],
-                    min(guest._nudge, max(0.0, left)),
-                    what,
-                    GuestError,
-                    hang=left <= guest._nudge,
-                )
-                got += child.before
-                if index == 0:
-                    break
+            if index == 1:
+                got += child.after
+                begun = True
+            elif begun:
                 log.info(
                     "%s: nothing for %.0f s; waking the console", what, guest._nudge
                 )
                 child.sendline("")
+            elif resent < RESENDS:
+                log.warning(
+                    "%s: no answer from lab-init in %.0f s; sending it again",
+                    what,
+                    guest._nudge,
+                )
+                child.sendline(line)
+                resent += 1
         assert child.match is not None
         # Two ttys (the guest's and pexpect's pty) each turn \n into \r\n.
         raw = CRLF_RE.sub("\n", got.decode(errors="replace"))
